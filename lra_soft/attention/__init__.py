@@ -1,0 +1,39 @@
+"""The attention registry: one dict, one constructor, one ``forward(x, mask=None)`` for every variant.
+
+Every variant is built as ``cls(dim, heads, *, max_len, dropout=0.0, **options)`` and called as ``attn(x, mask)`` with
+``x`` of shape (b, n, dim) and ``mask`` a bool (b, n) tensor, True = real token; it returns (b, n, dim).
+"""
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from lra_soft.attention.softmax import SoftmaxAttention
+
+ATTENTION: dict[str, type[nn.Module]] = {
+    "softmax": SoftmaxAttention,
+}
+
+
+def attention_options(name: str) -> dict[str, object]:
+    """The options a variant accepts, with their defaults (everything after ``dropout`` in its constructor)."""
+    params = inspect.signature(_lookup(name).__init__).parameters
+    skip = {"self", "dim", "heads", "max_len", "dropout"}
+    return {k: p.default for k, p in params.items() if k not in skip and p.kind is p.KEYWORD_ONLY}
+
+
+def build_attention(name: str, dim: int, heads: int, *, max_len: int, dropout: float = 0.0, **options) -> nn.Module:
+    """Build a registered attention; unknown names and options fail at once and list the choices."""
+    cls = _lookup(name)
+    unknown = sorted(set(options) - set(attention_options(name)))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for attention {name!r}; valid options: "
+                         f"{attention_options(name)}")
+    return cls(dim, heads, max_len=max_len, dropout=dropout, **options)
+
+
+def _lookup(name: str) -> type[nn.Module]:
+    if name not in ATTENTION:
+        raise ValueError(f"unknown attention {name!r}; choose from {sorted(ATTENTION)}")
+    return ATTENTION[name]
