@@ -1,0 +1,123 @@
+"""Device choice, mixed precision and data-parallel plumbing shared by every training loop (LRA and ImageNet).
+
+One process per device, launched by PyTorch's own engine: ``torchrun --nproc_per_node N cli.py train ...`` sets
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR/PORT``; :func:`init_distributed` reads them and joins the
+process group (NCCL on CUDA, gloo on CPU). A plain ``python cli.py ...`` is a world of one and touches nothing.
+
+    dist_info = init_distributed("auto")          # DistInfo(rank, world_size, local_rank, device)
+    with autocast(dist_info.device): loss = ...   # bf16 on CUDA, a no-op on CPU
+    all_reduce_sum(t); barrier(); if is_main(): save ...
+    cleanup()
+
+bf16 autocast covers the matmuls of the model; each attention keeps its numerically delicate parts (Gaussian kernel,
+Newton inverse, softmax) in float32 itself, so nothing here special-cases an attention.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0                 # global rank; 0 logs and saves
+    world_size: int = 1           # number of processes (1 = no process group)
+    local_rank: int = 0           # rank on this node = CUDA device index
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU fails with what to do instead."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device "
+                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu or auto")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if the environment names one; otherwise a world of one on ``device``."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes, in place and returned; identity in a world of one."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    return all_reduce_sum(t).div_(world_size())
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` in a world of one."""
+    if not is_dist():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """``obj`` from rank ``src`` on every process (e.g. a decision only rank 0 can make)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (no loss scaling needed for bf16); full float32 on CPU, where bf16 is slow and lossy."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()
