@@ -42,8 +42,8 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but torch sees no CUDA device "
-                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu or auto")
+            raise RuntimeError(f"--device cuda was asked for but torch sees no CUDA device (torch {torch.__version__}, "
+                           f"CUDA build: {torch.version.cuda}); use --device cpu or auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

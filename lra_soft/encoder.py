@@ -2,7 +2,8 @@
 layers, 64 and 128 hidden dimension respectively, and 2 attention heads"), i.e. the Nystromformer PyTorch harness:
 
     token + learned position embeddings (N(0, 0.02)) -> dropout
-    -> depth x pre-norm block:  x = x + Attn(LN(x), mask);  x = x + MLP(LN(x))   (MLP: Linear-GELU-Dropout-Linear-Dropout)
+    -> depth x pre-norm block:  x = x + Attn(LN(x), mask);  x = x + MLP(LN(x))
+       (MLP: Linear-GELU-Dropout-Linear-Dropout)
     -> final LayerNorm, padded rows zeroed -> pooling -> head (Linear-ReLU-Linear)
 
 Any registered attention fits (``lra_soft.attention.build_attention``); each applies dropout to its own output, as the

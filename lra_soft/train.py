@@ -59,16 +59,16 @@ class TaskData:
 # --------------------------------------------------------------------------------------------------- pure helpers
 
 def lr_factor(step: int, steps: int, warmup: int, div: float = 25.0, final_div: float = 1e4) -> float:
-    """The harness's OneCycleLR (anneal "linear") as a multiple of the peak lr at optimizer step ``step``.
+    """The harness's ``OneCycleLR(anneal_strategy="linear")`` as a multiple of the peak lr at optimizer step ``step``:
+    lr/25 rising linearly to the peak at step ``warmup - 1``, then falling linearly to lr/25e4 at step ``steps - 1``.
 
-    Written out rather than calling ``OneCycleLR`` so that runs shorter than the task's warmup (``--steps 3``) are
+    Written out rather than calling ``OneCycleLR`` so that runs shorter than the task's warmup (``--steps 3``) stay
     well defined: the warmup is then the whole run."""
     start, end = 1.0 / div, 1.0 / (div * final_div)
-    warmup = min(warmup, steps)
-    if step < warmup:
-        return start + (1.0 - start) * step / warmup
-    span = max(steps - 1 - warmup, 1)
-    return 1.0 + (end - 1.0) * min(step - warmup, span) / span
+    peak = min(warmup, steps) - 1  # OneCycleLR's end of phase one: pct_start * total_steps - 1
+    if step <= peak:
+        return start + (1.0 - start) * step / max(peak, 1)
+    return 1.0 + (end - 1.0) * min(step - peak, steps - 1 - peak) / max(steps - 1 - peak, 1)
 
 
 def resolve_configs(model: EncoderConfig, train: TrainConfig, *, attention: str | None = None,
@@ -307,8 +307,8 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
             train_time += took
             tokens_seen += stats[3].item()
             bar.update(1)
-            bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}",
-                            acc=f"{stats[1].item() / stats[2].item():.3f}", tok_s=f"{stats[3].item() / took:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}", refresh=False,
+                            acc=f"{stats[1].item() / stats[2].item():.3f}", tok_s=f"{stats[3].item() / took:,.0f}")
 
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 dev_metrics = evaluate(model, data.val, collate, batch_size=train_cfg.batch_size, device=dev,
