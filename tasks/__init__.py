@@ -1,0 +1,49 @@
+"""The five Long Range Arena tasks: one module each, with the same ``NAME``, ``MODEL``, ``TRAIN``, ``prepare``, ``load``.
+
+Importing this package reads no data; ``prepare`` builds a task's cache under ``data_dir / name`` and ``load``
+opens one split of it as a ``torch.utils.data.Dataset`` (see ``tasks/_common.py`` for the cache layout).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+from torch.utils.data import Dataset
+
+from tasks import image, listops, pathfinder, retrieval, text
+from tasks._common import DataError, collate
+
+TaskName = Literal["listops", "text", "retrieval", "image", "pathfinder"]
+
+TASKS: dict[str, ModuleType] = {
+    "listops": listops,
+    "text": text,
+    "retrieval": retrieval,
+    "image": image,
+    "pathfinder": pathfinder,
+}
+
+__all__ = ["TASKS", "TaskName", "DataError", "collate", "get_task", "prepare", "load", "layouts"]
+
+
+def get_task(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {list(TASKS)}")
+    return TASKS[name]
+
+
+def prepare(name: str, source: Path | str | None = None, data_dir: Path = Path("data/cache"), *, progress: bool = True,
+            **options: Any) -> Path:
+    """Prepare (or reuse, if its manifest matches) the cache of task ``name`` under ``data_dir / name``."""
+    return get_task(name).prepare(source, Path(data_dir) / name, progress=progress, **options)
+
+
+def load(name: str, cache_path: Path, split: str) -> Dataset:
+    """One split ("train", "val" or "test") of a prepared cache, e.g. ``load("listops", Path("data/cache/listops"), "val")``."""
+    return get_task(name).load(Path(cache_path), split)
+
+
+def layouts() -> str:
+    """The accepted source layouts of every task, for help texts and error messages."""
+    return "\n".join(module.LAYOUTS for module in TASKS.values())
