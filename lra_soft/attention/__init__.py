@@ -9,14 +9,18 @@ import inspect
 
 from torch import nn
 
+from lra_soft.attention.gaussian import GaussianAttention
 from lra_soft.attention.linformer import LinformerAttention
 from lra_soft.attention.nystrom import NystromAttention
 from lra_soft.attention.performer import PerformerAttention
 from lra_soft.attention.reformer import ReformerAttention
+from lra_soft.attention.soft import SoftAttention
 from lra_soft.attention.softmax import SoftmaxAttention
 
 ATTENTION: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
+    "soft": SoftAttention,
+    "gaussian": GaussianAttention,
     "linformer": LinformerAttention,
     "performer": PerformerAttention,
     "nystrom": NystromAttention,

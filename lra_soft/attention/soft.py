@@ -1,0 +1,382 @@
+"""SOFT: softmax-free attention with linear complexity (Lu et al., "SOFT: Softmax-free Transformer with Linear
+Complexity", NeurIPS 2021).
+
+With Q = K (one shared projection) and the Gaussian kernel S_ij = exp(-||q_i - q_j||^2 / (2 sqrt(d))) (eq. 5), the
+n x n attention matrix is replaced by its Nystrom approximation through m bottleneck tokens (landmarks) Q~ (eq. 9):
+
+    S^ = exp(Q - K~) A^+ exp(Q~ - K),   A = exp(Q~ - K~) (m x m),   P = exp(Q~ - K) (m x n)
+
+and the output S^ V is computed right to left as P^T (A^+ (P V)), so no n x n matrix is ever formed. A^+ is the
+Moore-Penrose inverse, by Newton-Raphson iterations A_{k+1} = 2 A_k - A_k A A_k (eq. 10, Algorithm 2).
+
+Shapes: b batch, h heads, n tokens, m landmarks, d head dim. Choices this implementation makes, and why:
+- Landmarks (Section 3.2 / 4.4 "Token sampling"): 1D average pooling with window = stride (the paper's LRA setting,
+  Section 4.5: window 4, so m = ceil(n / 4)) is the default; `conv`, `random` and `first` ("biased") are options;
+  `num_landmarks` cuts each sequence's own valid length into m segments instead (m fixed, cost linear in n).
+- Padding: padded tokens are left out of the landmark means, of the keys and of the values; a landmark with no valid
+  token is removed from A by replacing its row and column with the identity's, which leaves the valid block's inverse
+  (and its Newton iterates) unchanged. Outputs at valid positions therefore do not depend on the padding.
+- The Newton initialisation follows the paper (Section 3.2): alpha = 2 beta^i / ||A||_1^2, beta = 0.5, with the
+  smallest i <= 10 such that ||I - alpha A A||_1 <= 1.01 (the tolerance of the authors' code), chosen per matrix,
+  never shared across the batch; alpha is scaled by 1 - 2^-10 so that i = 0 cannot sit exactly on the boundary of
+  convergence (see `newton_alpha`). `newton_init="spectral"` scales alpha by a power-iteration estimate of the largest
+  eigenvalue instead, which converges several iterations sooner.
+- The backward pass of the inverse uses the analytic gradient of the inverse, d(A^-1) = -A^-1 dA A^-1, evaluated at
+  the final iterate (as the authors' 2022 code does), instead of keeping 20 iterates for autograd; because the output
+  only needs A^+ W with W = P V (m x d), it costs two m x m x d products. `newton_grad="unrolled"` differentiates
+  through the iterations instead (exact for the truncated iteration, memory O(iters m^2)).
+- Distances, kernels and the inverse run in float32 (float64 for float64 inputs), outside autocast; squared distances
+  are clamped at 0. The kernel is one matrix product of augmented vectors [x, -|x|^2/2, 1] . [y, 1, -|y|^2/2] followed
+  by one in-place exponential, with a hand-written backward that keeps only the kernel matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
+
+SAMPLING = ("avgpool", "conv", "random", "first")
+INVERSE = ("newton", "solve", "pinv")
+NEWTON_INIT = ("paper", "spectral")
+NEWTON_GRAD = ("analytic", "unrolled")
+
+
+# --- the Gaussian kernel exp(-||x - y||^2 / 2) on pre-scaled vectors (eqs. 5, 8) --------------------------------------
+
+class _GaussianKernel(torch.autograd.Function):
+    """K = exp(min(0, x.y - |x|^2/2 - |y|^2/2)) for x (..., m, d), y (..., n, d): one product, one exponential."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
+        half_x, half_y = 0.5 * (x * x).sum(-1, keepdim=True), 0.5 * (y * y).sum(-1, keepdim=True)
+        ones_x, ones_y = torch.ones_like(half_x), torch.ones_like(half_y)
+        x_aug = torch.cat([x, -half_x, ones_x], dim=-1)  # (..., m, d + 2)
+        y_aug = torch.cat([y, ones_y, -half_y], dim=-1)  # (..., n, d + 2)
+        kernel = (x_aug @ y_aug.transpose(-1, -2)).clamp_(max=0.0).exp_()  # (..., m, n) = -||x - y||^2 / 2
+        ctx.save_for_backward(x, y, kernel)
+        return kernel
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, y, kernel = ctx.saved_tensors
+        g = grad * kernel  # d/d(logit); logit = x.y - |x|^2/2 - |y|^2/2, so d logit/dx = y - x
+        ones_x, ones_y = x.new_ones(*x.shape[:-1], 1), y.new_ones(*y.shape[:-1], 1)
+        gy_aug = g @ torch.cat([y, ones_y], dim=-1)                    # (..., m, d + 1): [g y, rowsum g]
+        gx_aug = g.transpose(-1, -2) @ torch.cat([x, ones_x], dim=-1)  # (..., n, d + 1): [g^T x, colsum g]
+        grad_x = gy_aug[..., :-1] - gy_aug[..., -1:] * x
+        grad_y = gx_aug[..., :-1] - gx_aug[..., -1:] * y
+        return grad_x, grad_y
+
+
+def gaussian_kernel(x: Tensor, y: Tensor) -> Tensor:
+    """exp(-||x_i - y_j||^2 / 2) for already scaled x (..., m, d), y (..., n, d); returns (..., m, n)."""
+    return _GaussianKernel.apply(x, y)
+
+
+# --- Newton-Raphson Moore-Penrose inverse (Algorithm 2, eq. 10) -------------------------------------------------------
+
+def _eye_like(A: Tensor) -> Tensor:
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+
+def newton_alpha(A: Tensor, init: str = "paper") -> tuple[Tensor, Tensor | None]:
+    """The initial scale alpha (..., 1, 1) of A_0 = alpha A, per matrix, and A @ A when it was computed on the way.
+
+    "paper": alpha = 2 beta^i / ||A||_1^2 with beta = 0.5 and the smallest i in 0..10 such that
+    ||I - alpha A A||_1 <= 1.01 (Section 3.2; the tolerance and the 10 halvings of the authors' code).
+    "spectral": alpha = 1 / (1.1 lambda)^2 with lambda a 12-step power-iteration estimate of the largest
+    eigenvalue of the symmetric PSD matrix A, so that alpha A^2 has spectrum in (0, ~1].
+    """
+    if init not in NEWTON_INIT:
+        raise ValueError(f"unknown newton_init {init!r}; choose from {list(NEWTON_INIT)}")
+    norm1 = A.abs().sum(-2).amax(-1)[..., None, None]  # (..., 1, 1) max column abs-sum
+    if init == "spectral":
+        u = torch.ones_like(A[..., :1])  # (..., m, 1): the Perron vector of a positive matrix is positive
+        for _ in range(12):
+            u = A @ u
+            u = u / u.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+        lam = (u * (A @ u)).sum(-2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)  # Rayleigh quotient
+        return 1.0 / (1.1 * lam) ** 2, None
+    A2 = A @ A
+    # lambda_max <= ||A||_1 with equality for constant row sums (every 2 x 2 kernel matrix, identical landmarks);
+    # there alpha = 2 / ||A||_1^2 puts alpha lambda_max^2 exactly at 2, where the iteration stalls or diverges. The
+    # factor 1 - 2^-10 keeps it strictly inside the region of convergence and changes nothing else.
+    alpha0 = 2.0 * (1 - 2.0 ** -10) / norm1.clamp_min(torch.finfo(A.dtype).tiny) ** 2
+    betas = 0.5 ** torch.arange(11, dtype=A.dtype, device=A.device)  # (11,)
+    if bool((A >= 0).all()):
+        # A A >= 0 entrywise, so column j of |I - a A A| sums to |1 - a c_jj| + a (colsum_j - c_jj): O(m) per candidate.
+        diag, colsum = A2.diagonal(dim1=-2, dim2=-1), A2.sum(-2)  # (..., m)
+        a = alpha0[..., 0] * betas  # (..., 11)
+        resid = ((1 - a[..., :, None] * diag[..., None, :]).abs()
+                 + a[..., :, None] * (colsum - diag)[..., None, :]).amax(-1)  # (..., 11)
+    else:
+        eye = _eye_like(A)
+        resid = torch.stack([(eye - alpha0 * b * A2).abs().sum(-2).amax(-1) for b in betas], dim=-1)
+    ok = resid <= 1.01
+    first = torch.where(ok.any(-1), ok.int().argmax(-1), torch.full_like(ok[..., 0], 10, dtype=torch.long))
+    return alpha0 * betas[first][..., None, None], A2
+
+
+def _newton_iterate(A: Tensor, iters: int, init: str) -> Tensor:
+    """A_T of Algorithm 2 without autograd; A_{k+1} = 2 A_k - A_k (A A_k) as one fused product per step."""
+    with torch.no_grad():
+        alpha, A2 = newton_alpha(A, init)
+        Z = alpha * A
+        for k in range(iters):
+            AZ = alpha * A2 if (k == 0 and A2 is not None) else A @ Z  # reuse A A from the initialisation
+            m = Z.shape[-1]
+            Z = torch.baddbmm(Z.reshape(-1, m, m), Z.reshape(-1, m, m), AZ.reshape(-1, m, m), beta=2.0,
+                              alpha=-1.0).view_as(Z)
+        return Z
+
+
+class _NewtonInverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, A: Tensor, iters: int, init: str) -> Tensor:
+        Z = _newton_iterate(A, iters, init)
+        ctx.save_for_backward(Z)
+        return Z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (Z,) = ctx.saved_tensors
+        Zt = Z.transpose(-1, -2)
+        return -(Zt @ grad @ Zt), None, None  # d(A^-1) = -A^-1 dA A^-1
+
+
+class _NewtonApply(torch.autograd.Function):
+    """Y = A^+ W by Newton iterations; backward through the analytic inverse gradient at O(m^2 d), never O(m^3)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, W: Tensor, iters: int, init: str) -> Tensor:
+        Z = _newton_iterate(A, iters, init)
+        Y = Z @ W  # (..., m, d)
+        ctx.save_for_backward(Z, Y)
+        return Y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        Z, Y = ctx.saved_tensors
+        grad_W = Z.transpose(-1, -2) @ grad   # (..., m, d)
+        grad_A = -grad_W @ Y.transpose(-1, -2)  # -Z^T G (Z W)^T = -Z^T (G W^T) Z^T
+        return grad_A, grad_W, None, None
+
+
+def newton_inverse(A: Tensor, iters: int = 20, init: str = "paper") -> Tensor:
+    """Moore-Penrose inverse of A (..., m, m) by Algorithm 2, with the analytic inverse gradient in backward."""
+    _check_square(A)
+    return _NewtonInverse.apply(A, iters, init)
+
+
+def newton_inverse_unrolled(A: Tensor, iters: int = 20, init: str = "paper") -> Tensor:
+    """Algorithm 2 with autograd through every iteration: the exact gradient of the truncated iteration."""
+    _check_square(A)
+    alpha, _ = newton_alpha(A.detach(), init)
+    Z = alpha * A
+    for _ in range(iters):
+        Z = 2 * Z - Z @ (A @ Z)
+    return Z
+
+
+class _RidgeSolve(torch.autograd.Function):
+    """Y = (A + ridge I)^-1 W by Cholesky (A is PSD); backward by the same factor at O(m^2 d)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, W: Tensor, ridge: float) -> Tensor:
+        eye = _eye_like(A)
+        for attempt in range(4):  # float32 rounding can make a near-singular PSD matrix slightly indefinite
+            L, info = torch.linalg.cholesky_ex(A + (ridge * 100 ** attempt) * eye)
+            if not bool(info.any()):
+                break
+        else:
+            raise FloatingPointError("Cholesky of the landmark matrix failed even with ridge "
+                                     f"{ridge * 100 ** 3:g}; are there NaN or inf values in the input?")
+        Y = torch.cholesky_solve(W, L)
+        ctx.save_for_backward(L, Y)
+        return Y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        L, Y = ctx.saved_tensors
+        grad_W = torch.cholesky_solve(grad, L)
+        return -grad_W @ Y.transpose(-1, -2), grad_W, None
+
+
+def _check_square(A: Tensor) -> None:
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"expected square matrices (..., m, m), got shape {tuple(A.shape)}")
+
+
+# --- bottleneck tokens (Section 3.2, "Sampling"; Section 4.4, "Token sampling") ---------------------------------------
+
+def _segment_means(q: Tensor, mask: Tensor | None, window: int, num_landmarks: int | None) -> tuple[Tensor, Tensor]:
+    """Masked means of q (b, h, n, d) over windows of `window` positions, or over `num_landmarks` equal segments of
+    each sequence's own valid tokens. Returns landmarks (b, h, m, d) and their validity (b, m)."""
+    b, h, n, d = q.shape
+    valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    if num_landmarks is None:
+        m = math.ceil(n / window)
+        q = F.pad(zero_padding(q, mask), (0, 0, 0, m * window - n))
+        sums = q.view(b, h, m, window, d).sum(3)  # (b, h, m, d)
+        counts = F.pad(valid, (0, m * window - n)).view(b, m, window).sum(-1)  # (b, m)
+    else:
+        m = num_landmarks
+        rank = valid.long().cumsum(-1) - 1  # position among the valid tokens
+        length = valid.sum(-1, keepdim=True).clamp_min(1)
+        segment = torch.where(valid, rank * m // length, m)  # (b, n); padded tokens go to a discarded bin m
+        index = segment[:, None, :, None].expand(b, h, n, d)
+        sums = q.new_zeros(b, h, m + 1, d).scatter_add_(2, index, q)[:, :, :m]
+        counts = valid.new_zeros(b, m + 1, dtype=torch.long).scatter_add_(1, segment, valid.long())[:, :m]
+    landmarks = sums / counts.clamp_min(1)[:, None, :, None].to(q.dtype)
+    return landmarks, counts > 0
+
+
+def _token_landmarks(q: Tensor, mask: Tensor | None, sampling: str, window: int,
+                     num_landmarks: int | None) -> tuple[Tensor, Tensor]:
+    """`random` or `first` (biased) valid tokens as landmarks: m = num_landmarks, or ceil(valid length / window)."""
+    b, h, n, d = q.shape
+    valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    length = valid.sum(-1, keepdim=True)  # (b, 1)
+    m = num_landmarks if num_landmarks is not None else math.ceil(n / window)
+    m_own = length if num_landmarks is not None else -(-length // window)  # landmarks this sequence may use
+    if sampling == "random":
+        score = torch.rand(b, n, device=q.device)
+    else:
+        score = -valid.long().cumsum(-1).to(torch.float32)  # earlier valid tokens score higher
+    score = score.masked_fill(~valid, float("-inf"))
+    top, index = score.topk(min(m, n), dim=-1)  # (b, m')
+    keep = torch.isfinite(top) & (torch.arange(top.shape[-1], device=q.device) < m_own.clamp(max=m))
+    landmarks = q.gather(2, index[:, None, :, None].expand(b, h, index.shape[-1], d))
+    return landmarks, keep
+
+
+def sample_landmarks(q: Tensor, mask: Tensor | None = None, *, sampling: str = "avgpool", window: int = 4,
+                     num_landmarks: int | None = None) -> tuple[Tensor, Tensor]:
+    """Bottleneck tokens Q~ (b, h, m, d) of q (b, h, n, d) and their validity (b, m). `conv` needs learned weights and
+    lives in `SoftAttention`."""
+    if sampling == "avgpool":
+        return _segment_means(q, mask, window, num_landmarks)
+    if sampling in ("random", "first"):
+        return _token_landmarks(q, mask, sampling, window, num_landmarks)
+    if sampling == "conv":
+        raise ValueError("sampling='conv' uses learned weights: use SoftAttention, or pass landmarks= yourself")
+    raise ValueError(f"unknown sampling {sampling!r}; choose from {list(SAMPLING)}")
+
+
+# --- SOFT (Algorithm 1, eq. 9) ----------------------------------------------------------------------------------------
+
+def _check_options(sampling, window, num_landmarks, inverse, iters, newton_init, newton_grad) -> None:
+    if sampling not in SAMPLING:
+        raise ValueError(f"unknown sampling {sampling!r}; choose from {list(SAMPLING)}")
+    if inverse not in INVERSE:
+        raise ValueError(f"unknown inverse {inverse!r}; choose from {list(INVERSE)}")
+    if newton_init not in NEWTON_INIT:
+        raise ValueError(f"unknown newton_init {newton_init!r}; choose from {list(NEWTON_INIT)}")
+    if newton_grad not in NEWTON_GRAD:
+        raise ValueError(f"unknown newton_grad {newton_grad!r}; choose from {list(NEWTON_GRAD)}")
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window must be a positive integer, got {window!r}")
+    if num_landmarks is not None and not (isinstance(num_landmarks, int) and num_landmarks >= 1):
+        raise ValueError(f"num_landmarks must be a positive integer or None, got {num_landmarks!r}")
+    if not (isinstance(iters, int) and iters >= 0):
+        raise ValueError(f"iters must be a non-negative integer, got {iters!r}")
+
+
+def soft_attention(q: Tensor, v: Tensor, mask: Tensor | None = None, *, sampling: str = "avgpool", window: int = 4,
+                   num_landmarks: int | None = None, inverse: str = "newton", iters: int = 20,
+                   newton_init: str = "paper", newton_grad: str = "analytic", ridge: float = 1e-6,
+                   landmarks: Tensor | None = None, landmark_mask: Tensor | None = None) -> Tensor:
+    """SOFT attention P^T (A^+ (P V)) (eq. 9) on q, v of shape (b, h, n, d), with K = Q.
+
+    mask: bool (b, n), True = real token. landmarks: optional bottleneck tokens (b, h, m, d) in q's space (e.g. from a
+    2D strided convolution), with optional validity landmark_mask (b, m); when given, `sampling` is not used.
+    inverse: "newton" (Algorithm 2, `iters` steps), "solve" (Cholesky of A + ridge I) or "pinv" (torch.linalg.pinv,
+    the reference). Returns (b, h, n, d) in q's dtype; rows of padded tokens are zero.
+    """
+    _check_options(sampling, window, num_landmarks, inverse, iters, newton_init, newton_grad)
+    if q.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, v of shape (b, h, n, d) with equal (b, h, n); got {tuple(q.shape)}, "
+                         f"{tuple(v.shape)}")
+    if mask is not None and (mask.shape != (q.shape[0], q.shape[2]) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool of shape (b, n) = {(q.shape[0], q.shape[2])}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    out_dtype = q.dtype
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(q.device.type, enabled=False):
+        scale = q.shape[-1] ** -0.25  # exp(-||q - k||^2 / (2 sqrt(d))) = exp(-||s q - s k||^2 / 2), s = d^-1/4
+        q = zero_padding(q.to(dtype), mask) * scale
+        v = zero_padding(v.to(dtype), mask)  # padded values contribute nothing to P V
+
+        if landmarks is None:
+            landmarks, landmark_mask = sample_landmarks(q, mask, sampling=sampling, window=window,
+                                                        num_landmarks=num_landmarks)
+        else:
+            landmarks = landmarks.to(dtype) * scale
+            if landmark_mask is None:
+                landmark_mask = torch.ones(landmarks.shape[0], landmarks.shape[2], dtype=torch.bool,
+                                           device=q.device)
+        keep = landmark_mask[:, None, :, None]  # (b, 1, m, 1)
+
+        # A = exp(Q~ - K~) (m x m); an empty landmark becomes an identity row/column, which leaves the valid block's
+        # inverse (and every Newton iterate of it) unchanged.
+        A = gaussian_kernel(landmarks, landmarks)  # (b, h, m, m)
+        A = torch.where(keep & keep.transpose(-1, -2), A, _eye_like(A))
+        P = gaussian_kernel(landmarks, q)  # (b, h, m, n); columns of padded keys meet v = 0 below
+        W = (P @ v) * keep  # (b, h, m, d); empty landmarks carry nothing
+
+        if inverse == "newton" and newton_grad == "analytic":
+            Y = _NewtonApply.apply(A, W, iters, newton_init)
+        elif inverse == "newton":
+            Y = newton_inverse_unrolled(A, iters, newton_init) @ W
+        elif inverse == "solve":
+            Y = _RidgeSolve.apply(A, W, ridge)
+        else:
+            Y = torch.linalg.pinv(A, hermitian=True) @ W
+        out = P.transpose(-1, -2) @ Y  # (b, h, n, d)
+        return zero_padding(out, mask).to(out_dtype)
+
+
+class SoftAttention(nn.Module):
+    """SOFT: Gaussian-kernel attention without softmax, Nystrom-approximated through m landmarks (linear in n)."""
+
+    def __init__(self, dim: int, heads: int, *, max_len: int, dropout: float = 0.0, sampling: str = "avgpool",
+                 window: int = 4, num_landmarks: int | None = None, inverse: str = "newton", iters: int = 20,
+                 newton_init: str = "paper", newton_grad: str = "analytic", ridge: float = 1e-6):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        _check_options(sampling, window, num_landmarks, inverse, iters, newton_init, newton_grad)
+        if sampling == "conv" and num_landmarks is not None:
+            raise ValueError("sampling='conv' has a fixed kernel = stride = window; it cannot take num_landmarks")
+        self.heads = heads
+        self.options = dict(sampling=sampling, window=window, num_landmarks=num_landmarks, inverse=inverse,
+                            iters=iters, newton_init=newton_init, newton_grad=newton_grad, ridge=ridge)
+        self.W_q = nn.Linear(dim, dim)  # shared query/key projection: Q = K (Section 3.1)
+        self.W_v = nn.Linear(dim, dim)
+        self.ff = nn.Linear(dim, dim)
+        head_dim = dim // heads
+        # Learned landmarks: kernel = stride = window, no bias, shared by the heads (Section 4.4).
+        self.conv = nn.Conv1d(head_dim, head_dim, window, stride=window, bias=False) if sampling == "conv" else None
+        self.drop = nn.Dropout(dropout)
+
+    def conv_landmarks(self, q: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        b, h, n, d = q.shape
+        w = self.options["window"]
+        m = math.ceil(n / w)
+        x = F.pad(zero_padding(q, mask), (0, 0, 0, m * w - n)).reshape(b * h, m * w, d).transpose(1, 2)
+        landmarks = self.conv(x).transpose(1, 2).reshape(b, h, m, d)
+        valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+        return landmarks, F.pad(valid, (0, m * w - n)).view(b, m, w).any(-1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = check_mask(x, mask)
+        q, v = split_heads(self.W_q(x), self.heads), split_heads(self.W_v(x), self.heads)  # (b, h, n, d)
+        landmarks = landmark_mask = None
+        if self.conv is not None:
+            landmarks, landmark_mask = self.conv_landmarks(q, mask)
+        out = soft_attention(q, v, mask, landmarks=landmarks, landmark_mask=landmark_mask, **self.options)
+        return self.drop(self.ff(merge_heads(out.to(v.dtype))))
