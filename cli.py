@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import ast
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +14,45 @@ import typer
 from lra_soft.attention import ATTENTION
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+
+
+def _parse_options(pairs: list[str], flag: str) -> dict[str, object]:
+    """["num_landmarks=64", "inverse=exact"] -> {"num_landmarks": 64, "inverse": "exact"}: literals, else str."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint=flag)
+        lowered = raw.lower()
+        if lowered in ("true", "false", "none"):
+            out[key] = {"true": True, "false": False, "none": None}[lowered]
+            continue
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def _task_data(task: str, source: Optional[Path], data_dir: Path, data_options: dict, progress: bool):
+    """Prepare (or reuse) the task's cache and wrap its three splits for the training loop."""
+    import tasks
+    from tasks._common import collate
+
+    from lra_soft import distributed as D
+    from lra_soft.train import TaskData
+
+    # Rank 0 builds the cache; the others wait, then find it complete.
+    if D.is_main():
+        cache = tasks.prepare(task, source, data_dir, progress=progress, **data_options)
+    D.barrier()
+    if not D.is_main():
+        cache = tasks.prepare(task, source, data_dir, progress=False, **data_options)
+    manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    splits = {split: tasks.load(task, cache, split) for split in ("train", "val", "test")}
+    summary = {k: manifest.get(k) for k in ("task", "counts", "max_len", "options", "tokenizer_version")}
+    return TaskData(task, splits["train"], splits["val"], splits["test"], collate, vocab=list(manifest["vocab"]),
+                    source={"cache": str(cache), **summary}), manifest
 
 
 def _fail(e: Exception) -> None:
@@ -25,6 +66,170 @@ def attentions() -> None:
     for name, cls in ATTENTION.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:<10} {doc}")
+
+
+def _source_layouts() -> str:
+    import tasks
+
+    return "Accepted --source layouts:\n\n" + "\n\n".join(m.LAYOUTS for m in tasks.TASKS.values())
+
+
+@app.command(epilog=_source_layouts())
+def prepare(
+    task: Annotated[str, typer.Argument(help="LRA task: listops, text, retrieval, image or pathfinder.")],
+    source: Annotated[Optional[Path], typer.Option(help="Raw data in a layout below; text/image also hf:REPO or "
+                                                        "tfds:NAME. ListOps without it: generated.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Cache root; the cache is DATA_DIR/TASK.")] = Path("data/cache"),
+    option: Annotated[list[str], typer.Option("--option", "-o", help="Task option key=value (repeatable).")] = [],
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Read one task's raw data, tokenize it and cache arrays + manifest.json (reused while source and options match)."""
+    import tasks
+    from tasks._common import read_manifest
+
+    try:
+        cache = tasks.prepare(task, source, data_dir, progress=progress, **tasks.parse_options(option))
+    except (ValueError, FileNotFoundError) as e:  # tasks.DataError is a ValueError
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    m = read_manifest(cache)
+    typer.echo(f"{task}: {cache} counts {m['counts']} vocab_size {m['vocab_size']} max_len {m['max_len']}")
+
+
+@app.command("tasks")
+def tasks_() -> None:
+    """List the LRA tasks, one line each."""
+    import tasks
+
+    for name, module in tasks.TASKS.items():
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:<11} {doc}")
+
+
+@app.command()
+def train(
+    task: Annotated[str, typer.Argument(help="LRA task (see `tasks`).")],
+    attn: Annotated[str, typer.Option(help="Attention (see `attentions`).")] = "soft",
+    option: Annotated[list[str], typer.Option("--option", "-o", help="Attention option key=value (repeatable).")] = [],
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps [task default].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size [task default].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate [task default].")] = None,
+    max_len: Annotated[Optional[int], typer.Option(help="Model length; longer inputs are truncated [data].")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between dev evaluations [task default].")] = None,
+    eval_batches: Annotated[Optional[int], typer.Option(help="Dev batches per evaluation, 0 = all [all].")] = None,
+    pad_to: Annotated[Optional[int], typer.Option(help="Pad every batch to this length, 0 = longest [task].")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps [task default].")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout [0.1].")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="mean | mean_padded | cls [mean].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and dropout.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Run directory [runs/TASK-ATTN[-OPTIONS]-seedN].")] = None,
+    source: Annotated[Optional[Path], typer.Option(help="Raw data (see README, Data); ListOps: generated.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Cache directory of prepared data.")] = Path("data/cache"),
+    data_option: Annotated[list[str], typer.Option(help="Task data option key=value (repeatable).")] = [],
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train the 2-layer LRA encoder; select on dev; test the best checkpoint on the full test split."""
+    import tasks
+
+    from lra_soft import distributed as D
+    from lra_soft.checkpoint import CheckpointError
+    from lra_soft.train import TrainingDiverged, fit, resolve_configs
+
+    try:
+        module = tasks.get_task(task)
+        options = _parse_options(option, "--option")
+        D.init_distributed(device)
+        data, manifest = _task_data(task, source, data_dir, _parse_options(data_option, "--data-option"), progress)
+        model_cfg, train_cfg = resolve_configs(
+            module.MODEL, module.TRAIN, attention=attn, attention_options={**module.MODEL.attention_options,
+                                                                           **options},
+            max_len=max_len or manifest.get("max_len"), vocab_size=manifest["vocab_size"],
+            num_classes=manifest["num_classes"], steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every,
+            eval_batches=eval_batches, pad_to=pad_to, warmup=warmup, seed=seed)
+        if dropout is not None or pooling is not None:
+            from dataclasses import replace
+            model_cfg = replace(model_cfg, **{k: v for k, v in dict(dropout=dropout, pooling=pooling).items()
+                                              if v is not None})
+        tag = "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+        run_dir = out or Path("runs") / f"{task}-{attn}{tag}-seed{seed}"
+        results = fit(task, model_cfg, train_cfg, data, run_dir, device=device, resume=resume, progress=progress)
+    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, TrainingDiverged) as e:
+        D.cleanup()
+        _fail(e)
+    if D.is_main():
+        typer.echo(f"{task}/{attn}: test accuracy {100 * results['test_acc']:.2f}% on {results['test_examples']} "
+                   f"examples (best dev {100 * results['best_val_acc']:.2f}% at step {results['best_step']}); "
+                   f"run directory {run_dir}")
+    D.cleanup()
+
+
+@app.command("eval")
+def eval_(
+    task: Annotated[str, typer.Argument(help="LRA task the checkpoint was trained on.")],
+    checkpoint: Annotated[Path, typer.Option(help="best.pt or last.pt of a run.")],
+    split: Annotated[str, typer.Option(help="val | test.")] = "test",
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size [the run's].")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    source: Annotated[Optional[Path], typer.Option(help="Raw data, as for train.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Cache directory of prepared data.")] = Path("data/cache"),
+    data_option: Annotated[list[str], typer.Option(help="Task data option key=value (repeatable).")] = [],
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Accuracy of a checkpoint on the whole val or test split."""
+    from lra_soft import distributed as D
+    from lra_soft.checkpoint import CheckpointError, load_checkpoint
+    from lra_soft.train import collate_fn, evaluate, model_from_checkpoint
+
+    try:
+        if split not in ("val", "test"):
+            raise ValueError(f"--split must be val or test, got {split!r}")
+        info = D.init_distributed(device)
+        state = load_checkpoint(checkpoint, required=("model", "config", "vocab"))
+        if state["config"]["task"] != task:
+            raise ValueError(f"{checkpoint} was trained on {state['config']['task']!r}, not {task!r}")
+        data, _ = _task_data(task, source, data_dir, _parse_options(data_option, "--data-option"), progress)
+        if list(state["vocab"]) != data.vocab:
+            raise ValueError(f"the vocabulary of {checkpoint} differs from the prepared data's; the ids would not "
+                             "mean the same tokens (lra-data pitfall 1). Prepare the data the run was trained on")
+        model, cfg = model_from_checkpoint(state)
+        train_cfg = cfg["train"]
+        collate = collate_fn(data.collate, train_cfg["pad_to"], cfg["model"]["max_len"])
+        metrics = evaluate(model.to(info.device), getattr(data, split), collate, device=info.device,
+                           batch_size=batch_size or train_cfg["batch_size"])
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        D.cleanup()
+        _fail(e)
+    if D.is_main():
+        typer.echo(f"{task} {split}: accuracy {100 * metrics['acc']:.2f}% on {metrics['count']} examples "
+                   f"(loss {metrics['loss']:.4f}); checkpoint {checkpoint} (step {state.get('step')})")
+    D.cleanup()
+
+
+@app.command("eval-all")
+def eval_all(
+    runs: Annotated[Path, typer.Option(help="Directory searched for run directories (results.json).")] = Path("runs"),
+    out: Annotated[Optional[Path], typer.Option(help="Where eval_all.{md,json,csv} go [--runs].")] = None,
+) -> None:
+    """One table of every run (task x attention): test accuracy, the paper's Table 6 figure, difference, average."""
+    from lra_soft import results as R
+    from lra_soft.checkpoint import atomic_write_text
+
+    try:
+        found = R.find_runs(runs)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(e)
+    if not found:
+        _fail(FileNotFoundError(f"no results.json under {runs}; train first (`cli.py train listops --attn soft`)"))
+    rows = R.summarize(found)
+    table = R.markdown(rows)
+    typer.echo(table)
+    out = out or runs
+    atomic_write_text(out / "eval_all.md", table + "\n")
+    atomic_write_text(out / "eval_all.json", R.to_json(rows, found))
+    atomic_write_text(out / "eval_all.csv", R.to_csv(rows))
+    typer.echo(f"\nwritten: {out / 'eval_all.md'}, {out / 'eval_all.json'}, {out / 'eval_all.csv'}")
 
 
 @app.command()
