@@ -71,7 +71,7 @@ def attentions() -> None:
 def _source_layouts() -> str:
     import tasks
 
-    return "Accepted --source layouts:\n\n" + "\n\n".join(m.LAYOUTS for m in tasks.TASKS.values())
+    return "Accepted --source layouts:\n\n" + "\n\n".join(" ".join(m.LAYOUTS.split()) for m in tasks.TASKS.values())
 
 
 @app.command(epilog=_source_layouts())
