@@ -241,7 +241,7 @@ def bench(
     lengths: Annotated[Optional[str], typer.Option(help="Comma-separated n; imagenet: image sizes "
                                                         "[1024,2048,4096; lra 2048; imagenet 224].")] = None,
     batch: Annotated[Optional[int], typer.Option(help="Batch size [8; lra 32; imagenet 8].")] = None,
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 2,
+    heads: Annotated[Optional[int], typer.Option(help="Attention heads [2; fig1b 12].")] = None,
     head_dim: Annotated[int, typer.Option(help="Head dimension (model width = heads x head_dim).")] = 32,
     dtype: Annotated[str, typer.Option(help="float32 | float64 | bfloat16 | float16 (inputs and parameters).")
                      ] = "float32",
@@ -260,7 +260,7 @@ def bench(
                            ] = 2048,
     model: Annotated[str, typer.Option(help="none (attention module) | lra (encoder, tokens/s) | imagenet "
                                             "(backbones, images/s).")] = "none",
-    depth: Annotated[int, typer.Option(help="lra: encoder layers.")] = 2,
+    depth: Annotated[Optional[int], typer.Option(help="lra: encoder layers [2; fig1b 12].")] = None,
     mlp_dim: Annotated[Optional[int], typer.Option(help="lra: feed-forward width [2 x width].")] = None,
     variant: Annotated[list[str], typer.Option(help="imagenet: backbone (repeatable) [soft_tiny].")] = [],
     preset: Annotated[Optional[str], typer.Option(help="fig1b: the paper's Figure 1b protocol (12 layers, d 384, "
@@ -282,8 +282,10 @@ def bench(
         if preset not in (None, "fig1b"):
             raise ValueError(f"--preset {preset!r} unknown; the one preset is fig1b")
         if preset:
-            model, heads, depth = "lra", 12, 12
-            attn = attn or list(name for name in B.FIG1B_ATTENTIONS if name.split(":")[0] in ATTENTION)
+            model = "lra"
+            attn = attn or [a for a in B.FIG1B_ATTENTIONS if a.split(":")[0] in ATTENTION]
+        heads = heads or (B.FIG1B.heads if preset else 2)
+        depth = depth or (B.FIG1B.depth if preset else 2)
         specs = B.parse_specs(attn or ["soft", "softmax"], option) if model != "imagenet" else []
         wrap = (lambda it: tqdm(it, desc="bench", unit="length", leave=False)) if progress else iter
         log = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None)
