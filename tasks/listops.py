@@ -124,17 +124,22 @@ def generate(num: int, *, seed: int = 0, min_length: int = 500, max_length: int 
     rows: dict[str, int] = {}
     with tqdm(total=num, desc="generating ListOps", unit="tree", disable=not progress) as bar:
         while len(rows) < num:
-            out, budget = [], [max_length - 1]
-            try:
-                value = _draw(rng, 1, max_depth, max_args, out, budget)
-            except _TooLong:
-                continue
-            length = max_length - 1 - budget[0]
-            text = "".join(out)
-            if min_length < length < max_length and text not in rows:
-                rows[text] = value
+            tree = sample_tree(rng, max_depth=max_depth, max_args=max_args, max_length=max_length)
+            if tree is not None and min_length < tree[1] and tree[0] not in rows:
+                rows[tree[0]] = tree[2]
                 bar.update()
     return list(rows.items())
+
+
+def sample_tree(rng: random.Random, *, max_depth: int = 10, max_args: int = 10,
+                max_length: int = 2000) -> tuple[str, int, int] | None:
+    """One draw from the root (depth 1): (TSV source, length in tokens, label), or None once it reaches max_length."""
+    out, budget = [], [max_length - 1]
+    try:
+        value = _draw(rng, 1, max_depth, max_args, out, budget)
+    except _TooLong:
+        return None
+    return "".join(out), max_length - 1 - budget[0], value
 
 
 def tsv_bytes(rows: list[tuple[str, int]]) -> bytes:

@@ -1,0 +1,170 @@
+"""ListOps: the seeded generator, the official TSV reader and tokenisation, the fixed vocabulary."""
+import random
+
+import numpy as np
+import pytest
+
+import tasks
+from tasks import listops
+from tasks._common import DataError, read_manifest
+from tasks.fixtures import listops_tsv
+
+
+def reference_value(source: str) -> int:
+    """Evaluate a printed ListOps tree independently of the generator: a stack over the raw TSV tokens.
+
+    Parentheses only group binary pairs, so they are ignored; an operator opens a frame and ``]`` closes it.
+    MED uses numpy's median as the official ``to_value`` does.
+    """
+    ops = {"[MIN": min, "[MAX": max, "[MED": lambda a: int(np.median(a)), "[SM": lambda a: sum(a) % 10}
+    stack: list[list] = [[None, []]]
+    for token in source.split():
+        if token in ("(", ")"):
+            continue
+        if token in ops:
+            stack.append([token, []])
+        elif token == "]":
+            op, args = stack.pop()
+            stack[-1][1].append(ops[op](args))
+        else:
+            stack[-1][1].append(int(token))
+    assert len(stack) == 1 and len(stack[0][1]) == 1, source
+    return stack[0][1][0]
+
+
+def test_generator_length_bounds_token_count_and_labels():
+    """Default settings keep 500 < length < 2000, the token count equals the length and the labels are right."""
+    rng = random.Random(7)
+    accepted = 0
+    while accepted < 150:
+        tree = listops.sample_tree(rng)
+        if tree is None or tree[1] <= 500:
+            continue
+        source, length, value = tree
+        accepted += 1
+        assert 500 < length < 2000
+        assert len(listops.tokenize(source)) == length
+        assert value == reference_value(source)
+    rows = listops.generate(60, seed=3)
+    lengths = [len(listops.tokenize(s)) for s, _ in rows]
+    assert min(lengths) > 500 and max(lengths) < 2000
+    assert all(label == reference_value(s) for s, label in rows)
+    assert len({s for s, _ in rows}) == len(rows)  # deduplicated as the official set()
+
+
+def test_generator_short_trees_match_reference_and_med_truncates():
+    rows = listops.generate(300, seed=11, min_length=1, max_length=80)
+    assert all(label == reference_value(s) for s, label in rows)
+    assert {label for _, label in rows} == set(range(10))
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        values = list(rng.integers(0, 10, rng.integers(2, 11)))
+        assert listops.evaluate("[MED", values) == int(np.median(values))
+    assert listops.evaluate("[MED", [1, 2]) == 1 and listops.evaluate("[SM", [9, 8]) == 7
+
+
+def test_same_seed_gives_identical_files_crlf_and_header(tmp_path):
+    """Pitfall 13: the official generator has no seed; ours regenerates byte for byte."""
+    opts = dict(seed=5, num_train=20, num_val=5, num_test=5, min_length=20, max_length=200)
+    a = listops.write_generated(tmp_path / "a", **opts)
+    b = listops.write_generated(tmp_path / "b", **opts)
+    c = listops.write_generated(tmp_path / "c", **{**opts, "seed": 6})
+    for split in ("train", "val", "test"):
+        assert a[split].read_bytes() == b[split].read_bytes()
+    assert a["train"].read_bytes() != c["train"].read_bytes()
+    data = a["train"].read_bytes()
+    assert data.startswith(b"Source\tTarget\r\n")
+    lines = data.split(b"\r\n")
+    assert lines[-1] == b"" and len(lines) == 22 and b"\n" not in b"".join(lines)
+    # the train, val and test rows are disjoint (one deduplicated pool, then sliced)
+    rows = [set(p.read_bytes().split(b"\r\n")[1:-1]) for p in a.values()]
+    assert not (rows[0] & rows[1]) and not (rows[0] & rows[2]) and not (rows[1] & rows[2])
+
+
+def test_official_tokenisation_and_fixed_vocabulary():
+    """Pitfall 2 (']' -> 'X', parentheses dropped, never a \\W splitter) and pitfall 1 (fixed, sorted ids)."""
+    source = "( ( ( ( [MIN ( ( ( [MIN 8 ) 6 ) ] ) ) 1 ) 9 ) ] )"  # the doc's generator sample, label 1
+    tokens = listops.tokenize(source)
+    assert tokens == ["[MIN", "[MIN", "8", "6", "X", "1", "9", "X"]
+    assert reference_value(source) == 1
+    assert listops.VOCAB == ["<pad>", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "X", "[MAX", "[MED", "[MIN",
+                             "[SM"]
+    assert listops.VOCAB[1:] == sorted(listops.VOCAB[1:])
+    assert listops.MODEL.vocab_size == 16 and listops.MODEL.max_len == 2048 and listops.MODEL.num_classes == 10
+
+
+def test_reads_official_layout_and_tokens_are_the_vocab_ids(tmp_path):
+    root = listops_tsv(tmp_path / "lra_release" / "lra_release" / "listops-1000")
+    cache = tasks.prepare("listops", tmp_path, tmp_path / "cache", progress=False)
+    manifest = read_manifest(cache)
+    assert manifest["counts"] == {"train": 24, "val": 8, "test": 8}
+    assert manifest["vocab"] == listops.VOCAB and manifest["vocab_size"] == 16
+    assert [s["path"] for s in manifest["sources"]] == ["basic_train.tsv", "basic_val.tsv", "basic_test.tsv"]
+    first = (root / "basic_val.tsv").read_bytes().split(b"\r\n")[1].decode()
+    source, label = first.split("\t")
+    item = tasks.load("listops", cache, "val")[0]
+    assert item["input_ids"].tolist() == [listops.VOCAB.index(t) for t in listops.tokenize(source)]
+    assert item["label"].item() == int(label)
+
+
+def test_vocabulary_ids_do_not_depend_on_the_data(tmp_path):
+    """Pitfall 1: official ids come from a hash-ordered set of the tokens seen; ours are one fixed, sorted list."""
+    a = tasks.prepare("listops", listops_tsv(tmp_path / "a"), tmp_path / "ca", progress=False)
+    root = tmp_path / "b"
+    root.mkdir()
+    for name in listops.FILES.values():  # only MAX trees: the data sees 12 of the 15 symbols
+        rows = [(s, v) for s, v in listops.generate(8, seed=2, min_length=3, max_length=30) if "[MAX" in s][:3]
+        rows = [("( ( ( [MAX 3 ) 7 ) ] )", 7)] + rows
+        (root / name).write_bytes(listops.tsv_bytes(rows))
+    b = tasks.prepare("listops", root, tmp_path / "cb", progress=False)
+    assert read_manifest(a)["vocab"] == read_manifest(b)["vocab"] == listops.VOCAB
+    first = tasks.load("listops", b, "train")[0]["input_ids"].tolist()
+    assert first == [listops.VOCAB.index(t) for t in ["[MAX", "3", "7", "X"]] == [12, 4, 8, 11]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("( [MAX 1 ) 2 ) ] )\t1\textra", "expected 2 tab-separated fields"),
+    ("( ( [MAX 1 ) 2 ) ] )\t12", "label 12 out of range"),
+    ("( ( [MAX 1 ) 2 ) ] )\tx", "Target 'x' is not an integer"),
+    ("( ( [FIRST 1 ) 2 ) ] )\t1", "unknown token(s) ['[FIRST']"),
+])
+def test_malformed_lines_name_file_line_and_show_it(tmp_path, line, message):
+    root = listops_tsv(tmp_path / "src")
+    path = root / "basic_test.tsv"
+    lines = path.read_bytes().split(b"\r\n")
+    lines[3] = line.encode()
+    path.write_bytes(b"\r\n".join(lines))
+    with pytest.raises(DataError) as err:
+        tasks.prepare("listops", root, tmp_path / "cache", progress=False)
+    assert f"basic_test.tsv:4: {message}" in str(err.value) and repr(line)[:30] in str(err.value)
+    assert not (tmp_path / "cache" / "listops").exists()
+
+
+def test_header_missing_empty_split_and_missing_source(tmp_path):
+    root = listops_tsv(tmp_path / "src")
+    val = root / "basic_val.tsv"
+    val.write_bytes(val.read_bytes().split(b"\r\n", 1)[1])
+    with pytest.raises(DataError, match=r"basic_val.tsv:1: expected the header 'Source<TAB>Target'"):
+        tasks.prepare("listops", root, tmp_path / "cache", progress=False)
+    val.write_bytes(b"Source\tTarget\r\n")
+    with pytest.raises(DataError, match=r"empty split\(s\) \['val'\]"):
+        tasks.prepare("listops", root, tmp_path / "cache", progress=False)
+    with pytest.raises(DataError, match="basic_train.tsv, basic_val.tsv, basic_test.tsv"):
+        tasks.prepare("listops", tmp_path / "nowhere", tmp_path / "cache", progress=False)
+    with pytest.raises(DataError, match="only apply when ListOps is generated"):
+        tasks.prepare("listops", root, tmp_path / "cache", progress=False, seed=3)
+
+
+def test_generated_default_cache_is_reused_and_rebuilt_on_new_options(tmp_path):
+    small = dict(num_train=12, num_val=4, num_test=4, min_length=10, max_length=60)
+    cache = tasks.prepare("listops", None, tmp_path, progress=False, **small)
+    manifest = read_manifest(cache)
+    assert manifest["counts"] == {"train": 12, "val": 4, "test": 4}
+    assert manifest["options"]["seed"] == 0 and (cache / "raw" / "basic_train.tsv").is_file()
+    assert manifest["generated_files"]["train"]["sha256"]
+    stamp = (cache / "manifest.json").stat().st_mtime_ns
+    tasks.prepare("listops", None, tmp_path, progress=False, **small)
+    assert (cache / "manifest.json").stat().st_mtime_ns == stamp  # reused
+    tasks.prepare("listops", None, tmp_path, progress=False, **small, seed=1)
+    assert read_manifest(cache)["options"]["seed"] == 1
+    assert read_manifest(cache)["generated_files"]["train"]["sha256"] != manifest["generated_files"]["train"]["sha256"]
