@@ -148,6 +148,14 @@ def test_performer_redraw_policy_and_state_dict():
     clone.load_state_dict(attn.state_dict())
     assert int(clone.calls) == 4
     assert torch.equal(clone(x), y1)
+    # a redraw depends only on the saved seed and pass count: a resumed module redraws what an uninterrupted one does
+    resumed = build_attention("performer", 16, 2, max_len=8, num_features=8, redraw_every=3)
+    uninterrupted = build_attention("performer", 16, 2, max_len=8, num_features=8, redraw_every=3)
+    uninterrupted(x), uninterrupted(x)
+    resumed.load_state_dict(uninterrupted.state_dict())
+    for _ in range(5):
+        uninterrupted(x), resumed(x)
+    assert torch.equal(resumed.features, uninterrupted.features)
     never = build_attention("performer", 16, 2, max_len=8, num_features=8, redraw_every=0)
     before = never.features.clone()
     for _ in range(5):

@@ -15,8 +15,9 @@ Numerical stabilisation: a constant is subtracted in the exponent before exp, pe
 exact; it is taken over valid keys only, so padding cannot change it.
 
 Redraw policy: the features are a buffer (saved and loaded with the state dict). In training mode they are redrawn
-before every ``redraw_every``-th forward pass (0 = never); in eval mode they never change. The pass counter is a buffer
-too, so a resumed run keeps the schedule.
+before every ``redraw_every``-th forward pass (0 = never); in eval mode they never change. A redraw is a function of
+two more buffers, a seed drawn at construction and the pass counter, so a resumed run redraws exactly as an
+uninterrupted one, and DDP processes (which share buffers from rank 0 at start) redraw identical features.
 """
 from __future__ import annotations
 
@@ -28,16 +29,14 @@ from torch import Tensor, nn
 from lra_soft.attention._common import check_mask, merge_heads, split_heads
 
 
-def orthogonal_features(m: int, d: int, *, device=None, dtype=torch.float32) -> Tensor:
-    """m x d Gaussian features with orthogonal rows within each block of d (Section 2.4), from the global RNG."""
-    blocks = []
-    for _ in range(math.ceil(m / d)):
-        g = torch.randn(d, d, device=device, dtype=torch.float32)
-        q, r = torch.linalg.qr(g)
-        blocks.append((q * torch.sign(torch.diagonal(r))).T)  # the sign fix makes q Haar-distributed
-    w = torch.cat(blocks)[:m]                                                         # (m, d), unit rows
-    norms = torch.randn(m, d, device=device, dtype=torch.float32).norm(dim=1, keepdim=True)
-    return (w * norms).to(dtype)
+def orthogonal_features(m: int, d: int, *, device=None, dtype=torch.float32,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """m x d Gaussian features with orthogonal rows within each block of d (Section 2.4), drawn on the CPU."""
+    q, r = torch.linalg.qr(torch.randn(math.ceil(m / d), d, d, generator=generator))  # a block per d features
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]    # the sign fix makes q Haar-distributed
+    w = q.transpose(-1, -2).reshape(-1, d)[:m]                                         # (m, d), unit rows
+    norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
+    return (w * norms).to(device=device, dtype=dtype)
 
 
 def positive_features(x: Tensor, w: Tensor, *, mask: Tensor | None = None, is_query: bool) -> Tensor:
@@ -92,17 +91,20 @@ class PerformerAttention(nn.Module):
         self.ff = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
         self.register_buffer("features", orthogonal_features(num_features, dim // heads))  # (m, d)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seed", torch.randint(2 ** 62, ()))                         # for redraws
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))                 # training passes so far
 
     @torch.no_grad()
     def redraw_features(self) -> None:
         m, d = self.features.shape
-        self.features.copy_(orthogonal_features(m, d, device=self.features.device, dtype=self.features.dtype))
+        generator = torch.Generator().manual_seed(int(self.seed) + int(self.calls))
+        self.features.copy_(orthogonal_features(m, d, generator=generator))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_mask(x, mask)
         if self.training:
-            if self.redraw_every and self.calls > 0 and self.calls % self.redraw_every == 0:
+            calls = int(self.calls)
+            if self.redraw_every and calls and calls % self.redraw_every == 0:
                 self.redraw_features()
             self.calls += 1
         q, k, v = (split_heads(w(x), self.heads) for w in (self.W_q, self.W_k, self.W_v))  # (b, h, n, d)
