@@ -16,9 +16,10 @@ def landmark_matrix(m, d=32, window=4, batch=2, heads=2, dtype=torch.float64):
     return gaussian_kernel(landmarks, landmarks)
 
 
-def rel_residual(A, Z):
-    """||A Z A - A||_2 / ||A||_2 (Proposition 1; the paper's Figure 4 metric), worst matrix of the batch."""
-    return (torch.linalg.matrix_norm(A @ Z @ A - A, ord=2) / torch.linalg.matrix_norm(A, ord=2)).max().item()
+def rel_residual(A, Z, ord="fro"):
+    """||A Z A - A|| / ||A|| (Proposition 1; the paper's Figure 4 uses ord=2), worst matrix of the batch. Prop. 1's
+    proof holds in any submultiplicative norm, so the cheaper Frobenius norm is the default here."""
+    return (torch.linalg.matrix_norm(A @ Z @ A - A, ord=ord) / torch.linalg.matrix_norm(A, ord=ord)).max().item()
 
 
 @pytest.mark.parametrize("m", [16, 64, 256, 512])
@@ -31,7 +32,7 @@ def test_newton_converges_to_pinv(m, init):
 
 def test_newton_residual_decreases_monotonically():
     """Proposition 1: ||A A_k A - A|| decreases monotonically, with the paper's initialisation."""
-    A = landmark_matrix(128)
+    A = landmark_matrix(128, batch=1)
     residuals = [rel_residual(A, newton_inverse(A, iters=k)) for k in range(0, 40)]
     converging = [(a, b) for a, b in zip(residuals, residuals[1:]) if a > 1e-12]  # above float64 rounding
     assert len(converging) > 20 and all(b < a for a, b in converging), residuals
@@ -39,7 +40,7 @@ def test_newton_residual_decreases_monotonically():
 
 
 def test_spectral_init_converges_sooner():
-    A = landmark_matrix(256)
+    A = landmark_matrix(128, batch=1)
     paper, spectral = rel_residual(A, newton_inverse(A, 25)), rel_residual(A, newton_inverse(A, 25, "spectral"))
     assert spectral < paper / 10, (paper, spectral)
 
@@ -134,11 +135,11 @@ def test_inverses_agree_on_well_conditioned_inputs():
     dict(window=2, inverse="solve", ridge=0.0), dict(window=2, inverse="pinv"), dict(window=2, newton_grad="unrolled"),
 ])
 def test_gradcheck_float64(options):
-    q = (1.5 * torch.randn(2, 2, 11, 4, dtype=torch.float64)).requires_grad_()
-    v = torch.randn(2, 2, 11, 4, dtype=torch.float64, requires_grad=True)
+    q = (1.5 * torch.randn(2, 1, 11, 3, dtype=torch.float64)).requires_grad_()
+    v = torch.randn(2, 1, 11, 3, dtype=torch.float64, requires_grad=True)
     mask = torch.arange(11) < torch.tensor([[11], [7]])
     options.setdefault("iters", 80)
-    assert torch.autograd.gradcheck(lambda q, v: soft_attention(q, v, mask, **options), (q, v))
+    assert torch.autograd.gradcheck(lambda q, v: soft_attention(q, v, mask, **options), (q, v), fast_mode=True)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(num_landmarks=5), dict(sampling="first"), dict(inverse="solve"),
