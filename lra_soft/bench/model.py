@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,6 +40,7 @@ class ModelBenchConfig:
     num_classes: int = 10
     dropout: float = 0.1                # as in training
     variants: tuple[str, ...] = ("soft_tiny",)  # imagenet: keys of lra_soft.vision.PRESETS
+    vision_options: dict[str, Any] = field(default_factory=dict)  # imagenet: VisionConfig fields overridden
     dtype: str = "float32"
     autocast: str = "none"              # "bfloat16" / "float16": torch.autocast around forward and loss
     device: str = "auto"
@@ -118,7 +119,7 @@ def _lra_trainer(spec: AttentionSpec, n: int, cfg: ModelBenchConfig, device: tor
 def _vision_trainer(variant: str, size: int, cfg: ModelBenchConfig, device: torch.device) -> _Trainer:
     from lra_soft.vision import build_model
 
-    model = build_model(variant, num_classes=cfg.num_classes)
+    model = build_model(variant, **{"num_classes": cfg.num_classes, **cfg.vision_options})
     images = torch.randn(cfg.batch, 3, size, size, device=device, dtype=DTYPES[cfg.dtype])  # (b, 3, H, W)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device)
     return _Trainer(model, (images,), labels, cfg, device)
