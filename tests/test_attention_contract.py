@@ -29,8 +29,8 @@ TOLERANCE = {}  # name -> padding-invariance bound where a variant cannot hold 1
 LENGTHS = (13, 3)  # 13: not a multiple of any window / segment count; 3: shorter than every window
 
 
-def _build(name, options, **kwargs):
-    return build_attention(name, DIM, HEADS, max_len=MAX_LEN, **options, **kwargs)
+def _build(name, options, dim=DIM, heads=HEADS, max_len=MAX_LEN):
+    return build_attention(name, dim, heads, max_len=max_len, **options)
 
 
 def _run(attn, x, mask=None, seed=1234):
@@ -38,23 +38,25 @@ def _run(attn, x, mask=None, seed=1234):
     return attn(x, mask)
 
 
-def _batch(n, b=3):
-    x = torch.randn(b, n, DIM)
+def _batch(n, b=3, dim=DIM):
+    x = torch.randn(b, n, dim)
     lengths = torch.tensor([n, math.ceil(n / 2), 1][:b])
     return x, torch.arange(n)[None, :] < lengths[:, None]  # (b, n)
 
 
-def padding_invariance_error(name, options, n, mode="train"):
-    """Largest change of a valid output when padding is refilled and the batch is padded to twice its length."""
-    attn = _build(name, options).train(mode == "train")
-    x, mask = _batch(n)
+def padding_invariance_error(name, options, n, mode="train", dim=DIM, heads=HEADS, relative=False):
+    """Largest change of a valid output when padding is refilled and the batch is padded to twice its length
+    (``relative``: divided by the largest valid output)."""
+    attn = _build(name, options, dim, heads, max(MAX_LEN, 2 * n)).train(mode == "train")
+    x, mask = _batch(n, dim=dim)
     with torch.no_grad():
         out = _run(attn, x, mask)
         x2 = torch.where(mask[..., None], x, torch.randn_like(x))       # new content in the padded positions
         x2 = torch.cat([x2, torch.randn_like(x2)], dim=1)               # (b, 2n, dim)
         mask2 = torch.cat([mask, torch.zeros_like(mask)], dim=1)
         out2 = _run(attn, x2, mask2)[:, :n]
-    return (out2 - out)[mask].abs().max().item()
+    error = (out2 - out)[mask].abs().max()
+    return (error / out[mask].abs().max() if relative else error).item()
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
@@ -152,8 +154,15 @@ def test_report_padding_invariance(capsys):
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
-    for (name, options), case in zip(CASES, IDS):
-        for n in LENGTHS:
-            print(f"{case:<34} n={n:<3}", " ".join(f"{mode} {padding_invariance_error(name, options, n, mode):.2e}"
-                                                   for mode in ("train", "eval")))
+    # the test sizes, then an LRA-sized layer (dim 64, 2 heads, lengths 1000 / 500 / 1 padded to 2000)
+    for n, dim, lra_defaults in [*((n, DIM, False) for n in LENGTHS), (1000, 64, True)]:
+        for (name, options), case in zip(CASES, IDS):
+            if lra_defaults and options:
+                continue
+            results = []
+            for mode in ("train", "eval"):
+                for relative in (False, True):
+                    torch.manual_seed(0)
+                    results.append(padding_invariance_error(name, options, n, mode, dim=dim, relative=relative))
+            print(f"{case:<36} n={n:<5} dim={dim:<3} train {results[0]:.2e} (rel {results[1]:.1e})  "
+                  f"eval {results[2]:.2e} (rel {results[3]:.1e})")
