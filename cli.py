@@ -232,8 +232,29 @@ def eval_all(
     typer.echo(f"\nwritten: {out / 'eval_all.md'}, {out / 'eval_all.json'}, {out / 'eval_all.csv'}")
 
 
+def _command_line(ctx: typer.Context) -> str:
+    """The command as a user would retype it: every parameter given on the command line, in declaration order."""
+    import shlex
+
+    words = ["python", "cli.py", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        # Compared by name: typer may vendor its own click, whose ParameterSource is another enum class.
+        if getattr(ctx.get_parameter_source(param.name), "name", None) != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False) and param.secondary_opts:
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        elif getattr(param, "is_flag", False):
+            words.append(param.opts[0])
+        else:
+            for v in (value if isinstance(value, (list, tuple)) else [value]):
+                words += [param.opts[0], str(v)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 @app.command()
 def bench(
+    ctx: typer.Context,
     attn: Annotated[list[str], typer.Option(help="Attention NAME or NAME:key=value,... (repeatable) [soft, softmax].")
                     ] = [],
     option: Annotated[list[str], typer.Option("--option", "-o", help="key=value for every chosen attention that "
@@ -271,7 +292,6 @@ def bench(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Time, peak memory and FLOPs of attentions (or whole models) against sequence length; table, JSON, CSV, plot."""
-    import shlex
     import sys
 
     from tqdm import tqdm
@@ -309,7 +329,7 @@ def bench(
                 compile_backend=compile_backend)
             result = B.run_model_bench(specs, cfg, log=log, progress=wrap)
         result["environment"] = B.environment()
-        command = "python cli.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        command = _command_line(ctx)
         result["command"] = command
         paths = B.save(result, out, name, command=command)
     except ValueError as e:
