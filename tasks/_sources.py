@@ -6,6 +6,7 @@ within seconds (issue 3) instead of minutes of retries. Nothing here runs at imp
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -44,6 +45,20 @@ def _offline() -> bool:
                                                                                        "HF_DATASETS_OFFLINE"))
 
 
+@contextlib.contextmanager
+def _offline_flags(offline: bool):
+    """Honour HF_HUB_OFFLINE even when it was set after ``datasets`` / ``huggingface_hub`` read it at import."""
+    import datasets
+    import huggingface_hub.constants as hub
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
 def _hub_help(name: str) -> str:
     return (f"either run with network access, or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, "
             f"or download the parquet files from https://huggingface.co/datasets/{name} (folder plain_text/) and "
@@ -69,7 +84,8 @@ def hf_splits(spec: str, splits: Sequence[str], columns: Sequence[str]) -> tuple
         check_hub_reachable(name)
     import datasets
     try:
-        ds = datasets.load_dataset(name)
+        with _offline_flags(_offline()):
+            ds = datasets.load_dataset(name)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError)
         raise DataError(f"could not load {name} from the Hugging Face hub ({e.__class__.__name__}: {e}): "
                         f"{_hub_help(name)}") from None

@@ -58,7 +58,11 @@ def aclimdb(root: Path, per_class: tuple[int, int] = (40, 10)) -> Path:
 
 
 def imdb_parquet(root: Path) -> Path:
-    """The hub's layout ``plain_text/{train,test}-00000-of-00001.parquet`` (columns text, label) from ``aclimdb``."""
+    """The hub's layout ``plain_text/{train,test}-00000-of-00001.parquet`` (columns text, label) from ``aclimdb``.
+
+    Texts are stored stripped: the released reviews carry no surrounding whitespace, our fixture files end in a newline
+    to exercise the tfds-style ``strip()`` of the aclImdb reader.
+    """
     import datasets
     from tasks.text import _acl_files
     acl = aclimdb(Path(root) / "raw")
@@ -67,7 +71,7 @@ def imdb_parquet(root: Path) -> Path:
     out = Path(root) / "imdb" / "plain_text"
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        rows = [(p.read_text(encoding="utf-8"), label) for p, label in _acl_files(acl, split)]
+        rows = [(p.read_text(encoding="utf-8").strip(), label) for p, label in _acl_files(acl, split)]
         ds = datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [label for _, label in rows]},
                                         features=features)
         ds.to_parquet(str(out / f"{split}-00000-of-00001.parquet"))
