@@ -219,7 +219,7 @@ def _build(out: Path, splits: dict[str, Any], opts: dict[str, Any], progress: bo
              "val": (data["train"][0][n_train:], data["train"][1][n_train:]), "test": data["test"]}
     counts = {}
     for split, (pixels, labels) in parts.items():
-        writer = SplitWriter(out, split, vocab_size=vocab_size, num_classes=10, min_id=1 - offset)
+        writer = SplitWriter(out, split, vocab_size=vocab_size, num_classes=10, min_id=offset)
         for row, label in zip(pixels, labels):
             writer.add(label, row.astype(np.uint16) + offset)
         counts[split] = writer.close()

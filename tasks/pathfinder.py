@@ -142,7 +142,7 @@ def _build(out: Path, root: Path, entries: list, opts: dict[str, Any], progress:
     counts = {}
     with tqdm(total=len(kept), desc="reading PNGs", unit="image", disable=not progress) as bar:
         for split, indices in order.items():
-            writer = SplitWriter(out, split, vocab_size=256 + offset, num_classes=2, min_id=1 - offset)
+            writer = SplitWriter(out, split, vocab_size=256 + offset, num_classes=2, min_id=offset)
             for i in indices:
                 path, label, where = kept[i]
                 writer.add(label, read_png(path, res, where).reshape(-1).astype(np.uint16) + offset)
