@@ -53,6 +53,12 @@ def test_flop_count_of_a_matmul_and_of_the_newton_floor():
     assert count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
     # 2 batched (batch, m, m) products per iteration, 2 m^3 FLOPs each.
     assert count_flops(newton_products(3, 16, CPU, iters=5)) == 5 * 2 * 3 * 2 * 16**3
+    # SDPA on CPU (its flash kernel): q k^T and p v, 2 n^2 d each, forward; the backward counts 2.5 times that.
+    q, k, v = (torch.randn(2, 3, 64, 16, requires_grad=True) for _ in range(3))
+    forward = 4 * 2 * 3 * 64 * 64 * 16
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == forward
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()) == \
+        forward * 7 // 2
 
 
 def test_specs_parse_and_validate():

@@ -136,11 +136,34 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     raise ValueError(f"peak memory is measured on cpu and cuda only, not {device.type!r}")
 
 
+def _cpu_sdpa_flop_formulas() -> dict:
+    # torch's flop counter knows the CUDA flash/efficient SDPA kernels but not the CPU flash kernel that
+    # F.scaled_dot_product_attention dispatches to on CPU; count it with torch's own SDPA formulas.
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is None or bwd is None or not hasattr(fc, "sdpa_flop_count"):
+        return {}
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    return {fwd: forward, bwd: backward}
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn()`` as counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    """FLOPs of one call of ``fn()`` as counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    Matrix products, convolutions and SDPA kernels (the CPU flash kernel included) are counted; elementwise work is not.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flop_formulas()) as counter:
         fn()
     return counter.get_total_flops()
 
