@@ -110,11 +110,24 @@ def tree_record(files: Iterable[Path], root: Path, name: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- atomic writes
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path`` with the permissions a plain ``open`` would give (mkstemp makes them 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, tmp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -130,7 +143,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
@@ -164,6 +177,7 @@ def build_cache(cache_dir: Path, identity: dict[str, Any], build: Callable[[Path
         return cache_dir
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.building-", dir=cache_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         manifest = {**identity, **build(tmp)}
         atomic_write_json(tmp / MANIFEST, manifest)
