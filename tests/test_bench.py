@@ -179,3 +179,25 @@ def test_attention_bench_cuda():
                                matmul_size=256, autocast="bfloat16")
     result = run_attention_bench(parse_specs(["soft", "softmax"]), cfg)
     assert all(r["fwdbwd_ms"] > 0 and r["fwdbwd_mem_mb"] > 0 for r in result["rows"])
+
+
+def test_targets_summary_reads_the_result_files(tmp_path):
+    from lra_soft.bench.targets import summarize
+
+    def row(attention, n, ms, mem=1.0, **extra):
+        return {"attention": attention, "n": n, "compiled": False, "fwdbwd_ms": ms, "fwdbwd_mem_mb": mem, **extra}
+
+    (tmp_path / "lra-setting.json").write_text(json.dumps({"reference": {"matmul_gflops_per_s": 100.0}, "rows": [
+        row("softmax", 4096, 10.0), row("soft:inverse=solve", 4096, 9.0, fwdbwd_x_softmax=0.9),
+        row("soft", 4096, 40.0, fwdbwd_x_softmax=4.0, fwdbwd_x_newton_floor=1.5)]}))
+    (tmp_path / "fixed-m64.json").write_text(json.dumps({"rows": [
+        row("softmax", 16384, 100.0), row("soft:num_landmarks=64", 4096, 1.0, 10.0),
+        row("soft:num_landmarks=64", 16384, 4.0, 50.0)]}))
+    lines = summarize(tmp_path).splitlines()
+    get = {line.split(" | ")[0][2:]: line for line in lines}
+    assert "| 0.90 | met |" in get["SOFT window 4, inverse=solve, n=4096: time / SDPA"]
+    assert "| 1.50 | NOT met |" in get["SOFT window 4, newton 20 (m=1024), n=4096: time / its 40 m x m products"]
+    assert "| 25.00 | met |" in get["SOFT m=64, n=16384: SDPA time / SOFT time"]
+    assert "| 4.00 | met |" in get["SOFT m=64: time(16384) / time(4096)"]
+    assert "| 5.00 | NOT met |" in get["SOFT m=64: peak memory(16384) / peak memory(4096)"]
+    assert "not measured" in get["LRA encoder, ListOps n=2048 batch 32, SOFT m=64: tokens/s / softmax's"]

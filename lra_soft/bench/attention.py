@@ -151,12 +151,14 @@ def bench_length(specs: list[AttentionSpec], n: int, cfg: AttentionBenchConfig, 
                 case = _Case(spec, n, cfg, device, compiled)
                 case.forward()  # fails fast (and compiles) before the timed rounds
                 case.forward_backward()
-            except (RuntimeError, torch.OutOfMemoryError) as err:
-                if not _is_oom(err):
+            except Exception as err:  # noqa: BLE001 - out of memory, or torch.compile failing, is a result
+                if not (_is_oom(err) or compiled):
                     raise
+                reason = "out of memory" if _is_oom(err) else f"torch.compile failed: {type(err).__name__}: " \
+                    f"{str(err).splitlines()[0] if str(err) else ''}"
                 failed.append({"attention": spec.label, "name": spec.name, "options": spec.resolved(),
-                               "compiled": compiled, "n": n, "device": str(device), "error": "out of memory"})
-                log(f"{key} n={n}: out of memory, skipped")
+                               "compiled": compiled, "n": n, "device": str(device), "error": reason})
+                log(f"{key} n={n}: {reason}; skipped")
                 continue
             cases.append((key, case))
             rows[key] = _case_row(case, cfg, device)
