@@ -163,23 +163,46 @@ def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def build_cache(cache_dir: Path, identity: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> Path:
+def stat_digest(paths: Iterable[Path]) -> str:
+    """A cheap fingerprint of files: sha256 over (absolute path, size, mtime_ns); no file is read."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(p).resolve() for p in paths):
+        st = path.stat()
+        digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def build_cache(cache_dir: Path, identity: dict[str, Any], build: Callable[[Path], dict[str, Any]], *,
+                source_files: Iterable[Path] | None = None) -> Path:
     """Reuse ``cache_dir`` if its manifest matches ``identity``; otherwise build it afresh, atomically.
+
+    ``identity`` holds the task, tokenizer version, options and the source records (``sources``: a list, or a
+    callable returning it, since hashing 200,000 PNGs takes a while). With ``source_files`` the records are only
+    computed when the files' sizes or modification times differ from those of the cached build (``source_stat``);
+    a cache whose records differ is rebuilt, never reused.
 
     ``build(tmp_dir)`` writes the arrays into an empty temporary directory and returns the rest of the manifest
     (counts, vocab, ...). The manifest is written last, then the directory is renamed over the old cache. On any
     exception (KeyboardInterrupt included) the temporary directory is removed and the old cache is left as it was.
     """
     cache_dir = Path(cache_dir)
-    identity = json.loads(json.dumps(identity))  # normalise tuples/Paths exactly as the saved manifest will be
+    head = json.loads(json.dumps({k: identity[k] for k in IDENTITY_KEYS if k != "sources"}))
+    stat = stat_digest(source_files) if source_files is not None else None
     old = read_manifest(cache_dir)
-    if old is not None and all(old.get(k) == identity[k] for k in IDENTITY_KEYS):
+    same_head = old is not None and all(old.get(k) == v for k, v in head.items())
+    if same_head and stat is not None and old.get("source_stat") == stat:
+        return cache_dir
+    sources = identity["sources"]() if callable(identity["sources"]) else identity["sources"]
+    identity = {**head, "sources": json.loads(json.dumps(sources))}  # normalised as the saved manifest will be
+    if same_head and old.get("sources") == identity["sources"]:
+        if stat is not None:  # same content, touched or copied files: remember the new stat
+            atomic_write_json(cache_dir / MANIFEST, {**old, "source_stat": stat})
         return cache_dir
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.building-", dir=cache_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
-        manifest = {**identity, **build(tmp)}
+        manifest = {**identity, "source_stat": stat, **build(tmp)}
         atomic_write_json(tmp / MANIFEST, manifest)
         if cache_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.old-", dir=cache_dir.parent))

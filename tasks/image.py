@@ -140,18 +140,19 @@ def _is_bin(path: Path) -> bool:
 
 # --------------------------------------------------------------------------------------------------- sources
 
-def _open(source: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """({"train": iterable, "test": iterable} of (rgb (n, 32, 32, 3), labels (n,)) chunks, source records)."""
+def _open(source: str | Path) -> tuple[dict[str, Any], Any, list[Path] | None]:
+    """({"train": iterable, "test": iterable} of (rgb (n, 32, 32, 3), labels (n,)) chunks, source records or a
+    callable computing them, the source files whose sizes and times decide whether to recompute them)."""
     if is_tfds(source):
         splits = tfds_splits(str(source), ("train", "test"), ("image", "label"))
-        return {s: _chunks(rows) for s, rows in splits.items()}, [{"tfds": str(source)}]
+        return {s: _chunks(rows) for s, rows in splits.items()}, [{"tfds": str(source)}], None
     if is_hf(source):
         splits, records = hf_splits(str(source), ("train", "test"), ("img", "label"))
-        return {s: _chunks(rows) for s, rows in splits.items()}, records
+        return {s: _chunks(rows) for s, rows in splits.items()}, records, None
     source = Path(source).expanduser()
     if source.is_dir() and (parquet_files(source) or (source / "dataset_dict.json").is_file()):
         splits, records = hf_records(source, ("train", "test"), ("img", "label"))
-        return {s: _chunks(rows) for s, rows in splits.items()}, records
+        return {s: _chunks(rows) for s, rows in splits.items()}, records, None
     layouts = [".", "cifar-10-batches-py", "cifar-10-batches-bin"]
     root = find_layout(source, layouts, lambda p: _is_py(p) or _is_bin(p), LAYOUTS)
     if _is_py(root):
@@ -160,8 +161,9 @@ def _open(source: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     else:
         files = {"train": _batch_files(root, ".bin"), "test": [root / "test_batch.bin"]}
         reader = read_binary_batch
-    records = [file_record(p, root) for s in ("train", "test") for p in files[s]]
-    return {s: (reader(p) for p in files[s]) for s in ("train", "test")}, records
+    paths = files["train"] + files["test"]
+    return ({s: (reader(p) for p in files[s]) for s in ("train", "test")},
+            lambda: [file_record(p, root) for p in paths], paths)
 
 
 def _chunks(rows, size: int = 1000):
@@ -199,9 +201,10 @@ def prepare(source: Path | str | None, cache_dir: Path, *, progress: bool = True
         raise DataError(f"option pixel_offset={opts['pixel_offset']} of task 'image' must be 0 or 1")
     if source is None:
         raise DataError(f"task 'image' needs --source (CIFAR-10 is not bundled). Accepted layouts:\n{LAYOUTS}")
-    splits, records = _open(source)
+    splits, records, files = _open(source)
     identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION, "options": opts, "sources": records}
-    return build_cache(cache_dir, identity, lambda tmp: _build(tmp, splits, opts, progress, str(source)))
+    return build_cache(cache_dir, identity, lambda tmp: _build(tmp, splits, opts, progress, str(source)),
+                       source_files=files)
 
 
 def _build(out: Path, splits: dict[str, Any], opts: dict[str, Any], progress: bool, where: str) -> dict[str, Any]:

@@ -231,8 +231,9 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
     root = locate(Path(source))
     files = {split: root / name for split, name in FILES.items()}
     identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION, "options": {},
-                "sources": [file_record(p, root) for p in files.values()]}
-    return build_cache(cache_dir, identity, lambda tmp: _tokenize_files(files, tmp, progress, root=root))
+                "sources": lambda: [file_record(p, root) for p in files.values()]}
+    return build_cache(cache_dir, identity, lambda tmp: _tokenize_files(files, tmp, progress, root=root),
+                       source_files=files.values())
 
 
 def _tokenize_files(files: dict[str, Path], out: Path, progress: bool, root: Path) -> dict[str, Any]:

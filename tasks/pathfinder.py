@@ -124,10 +124,14 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
                         f"{LAYOUTS}")
     root = locate(Path(source), opts["resolution"], opts["difficulty"])
     entries = read_metadata(root)
-    records = [file_record(p, root) for p in _metadata_files(root)]
-    records.append(tree_record([p for p, _, _ in entries], root, "imgs/*/*.png"))
+    images = [p for p, _, _ in entries]
+
+    def records() -> list[dict[str, Any]]:
+        return [*(file_record(p, root) for p in _metadata_files(root)), tree_record(images, root, "imgs/*/*.png")]
+
     identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION, "options": opts, "sources": records}
-    return build_cache(cache_dir, identity, lambda tmp: _build(tmp, root, entries, opts, progress))
+    return build_cache(cache_dir, identity, lambda tmp: _build(tmp, root, entries, opts, progress),
+                       source_files=[*_metadata_files(root), *images])
 
 
 def _build(out: Path, root: Path, entries: list, opts: dict[str, Any], progress: bool) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
     root = locate(Path(source))
     files = {split: root / name for split, name in FILES.items()}
     identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION, "options": opts,
-                "sources": [file_record(p, root) for p in files.values()]}
+                "sources": lambda: [file_record(p, root) for p in files.values()]}
 
     def build(out: Path) -> dict[str, Any]:
         counts, longest = {}, 0
@@ -111,7 +111,7 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
                 "max_len": next_power_of_two(opts["max_length"]), "max_tokens": opts["max_length"],
                 "longest": longest, "pair": True}
 
-    return build_cache(cache_dir, identity, build)
+    return build_cache(cache_dir, identity, build, source_files=files.values())
 
 
 def load(cache_dir: Path, split: str) -> TokenDataset:

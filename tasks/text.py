@@ -68,19 +68,23 @@ def _read_acl(root: Path, split: str):
         yield path.read_bytes().strip(), label
 
 
-def _records(source: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Open a source: ({"train": iterable, "test": iterable} of (text, label), manifest source records)."""
+def _records(source: str | Path) -> tuple[dict[str, Any], Any, list[Path] | None]:
+    """Open a source: ({"train": iterable, "test": iterable} of (text, label), source records or a callable
+    computing them, the source files whose sizes and times decide whether to recompute them)."""
     if is_tfds(source):
-        return tfds_splits(str(source), ("train", "test"), ("text", "label")), [{"tfds": str(source)}]
+        return tfds_splits(str(source), ("train", "test"), ("text", "label")), [{"tfds": str(source)}], None
     if is_hf(source):
-        return hf_splits(str(source), ("train", "test"), ("text", "label"))
+        return *hf_splits(str(source), ("train", "test"), ("text", "label")), None
     source = Path(source).expanduser()
     if source.is_dir() and (parquet_files(source) or (source / "dataset_dict.json").is_file()):
-        return hf_records(source, ("train", "test"), ("text", "label"))
+        return *hf_records(source, ("train", "test"), ("text", "label")), None
     root = find_layout(source, [".", "aclImdb"], _is_acl, LAYOUTS)
-    records = [tree_record([p for p, _ in _acl_files(root, split)], root, f"{split}/{{pos,neg}}/*.txt")
-               for split in ("train", "test")]
-    return {split: _read_acl(root, split) for split in ("train", "test")}, records
+    files = {split: [p for p, _ in _acl_files(root, split)] for split in ("train", "test")}
+
+    def records() -> list[dict[str, Any]]:
+        return [tree_record(files[split], root, f"{split}/{{pos,neg}}/*.txt") for split in ("train", "test")]
+
+    return {split: _read_acl(root, split) for split in ("train", "test")}, records, files["train"] + files["test"]
 
 
 # --------------------------------------------------------------------------------------------------- prepare / load
@@ -95,9 +99,10 @@ def prepare(source: Path | str | None, cache_dir: Path, *, progress: bool = True
         raise DataError(f"need 0 < val_fraction < 1 and max_length >= 1, got {opts}")
     if source is None:
         raise DataError(f"task 'text' needs --source (IMDb is not bundled). Accepted layouts:\n{LAYOUTS}")
-    splits, records = _records(source)
+    splits, records, files = _records(source)
     identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION, "options": opts, "sources": records}
-    return build_cache(cache_dir, identity, lambda tmp: _build(tmp, splits, opts, progress, str(source)))
+    return build_cache(cache_dir, identity, lambda tmp: _build(tmp, splits, opts, progress, str(source)),
+                       source_files=files)
 
 
 def _build(out: Path, splits: dict[str, Any], opts: dict[str, Any], progress: bool, where: str) -> dict[str, Any]:

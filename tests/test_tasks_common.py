@@ -180,3 +180,31 @@ def test_committed_fixtures_equal_their_builders(tmp_path):
             assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), rel
         else:
             assert a.read_bytes() == b.read_bytes(), rel
+
+
+def test_unchanged_sources_are_not_rehashed_and_touched_ones_are_checked(tmp_path, monkeypatch):
+    """Reuse costs a stat per file; hashes are recomputed only when a size or mtime changed."""
+    from tasks import pathfinder
+    from tasks.fixtures import pathfinder_tree
+    pathfinder_tree(tmp_path / "src")
+    cache = tasks.prepare("pathfinder", tmp_path / "src", tmp_path, progress=False)
+    built = read_manifest(cache)
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("sources were hashed although unchanged")
+
+    with monkeypatch.context() as m:
+        m.setattr(pathfinder, "tree_record", no_hashing)
+        m.setattr(pathfinder, "file_record", no_hashing)
+        assert tasks.prepare("pathfinder", tmp_path / "src", tmp_path, progress=False) == cache
+    png = next((tmp_path / "src").rglob("sample_1.png"))
+    stamp = (cache / "train.tokens.npy").stat().st_mtime_ns
+    os_utime = __import__("os").utime
+    os_utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))  # touched, same bytes
+    tasks.prepare("pathfinder", tmp_path / "src", tmp_path, progress=False)
+    after = read_manifest(cache)
+    assert (cache / "train.tokens.npy").stat().st_mtime_ns == stamp  # not rebuilt
+    assert after["sources"] == built["sources"] and after["source_stat"] != built["source_stat"]
+    png.write_bytes(next((tmp_path / "src").rglob("sample_2.png")).read_bytes())  # new content
+    tasks.prepare("pathfinder", tmp_path / "src", tmp_path, progress=False)
+    assert read_manifest(cache)["sources"][-1]["sha256"] != built["sources"][-1]["sha256"]
