@@ -1,5 +1,6 @@
 """Shared data-layer behaviour: the task registry, manifests, stale-cache rebuilds, atomic prepare, collate, CLI."""
 import json
+import os
 import typing
 from pathlib import Path
 
@@ -199,8 +200,7 @@ def test_unchanged_sources_are_not_rehashed_and_touched_ones_are_checked(tmp_pat
         assert tasks.prepare("pathfinder", tmp_path / "src", tmp_path, progress=False) == cache
     png = next((tmp_path / "src").rglob("sample_1.png"))
     stamp = (cache / "train.tokens.npy").stat().st_mtime_ns
-    os_utime = __import__("os").utime
-    os_utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))  # touched, same bytes
+    os.utime(png, ns=(png.stat().st_atime_ns, png.stat().st_mtime_ns + 10**9))  # touched, same bytes
     tasks.prepare("pathfinder", tmp_path / "src", tmp_path, progress=False)
     after = read_manifest(cache)
     assert (cache / "train.tokens.npy").stat().st_mtime_ns == stamp  # not rebuilt
