@@ -94,6 +94,8 @@ def prepare(
         raise typer.Exit(1)
     m = read_manifest(cache)
     typer.echo(f"{task}: {cache} counts {m['counts']} vocab_size {m['vocab_size']} max_len {m['max_len']}")
+    if m.get("skipped_empty"):
+        typer.echo(f"skipped {m['skipped_empty']} empty image(s), listed in {cache / 'manifest.json'}")
 
 
 @app.command("tasks")
