@@ -83,13 +83,15 @@ def _eye_like(A: Tensor) -> Tensor:
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
 
-def newton_alpha(A: Tensor, init: str = "paper") -> tuple[Tensor, Tensor | None]:
+def newton_alpha(A: Tensor, init: str = "paper", nonnegative: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """The initial scale alpha (..., 1, 1) of A_0 = alpha A, per matrix, and A @ A when it was computed on the way.
 
     "paper": alpha = 2 beta^i / ||A||_1^2 with beta = 0.5 and the smallest i in 0..10 such that
     ||I - alpha A A||_1 <= 1.01 (Section 3.2; the tolerance and the 10 halvings of the authors' code).
     "spectral": alpha = 1 / (1.1 lambda)^2 with lambda a 12-step power-iteration estimate of the largest
     eigenvalue of the symmetric PSD matrix A, so that alpha A^2 has spectrum in (0, ~1].
+    nonnegative: whether every entry of A is >= 0 (kernel matrices are), which makes the "paper" search O(m) per
+    candidate; None checks (a device sync).
     """
     if init not in NEWTON_INIT:
         raise ValueError(f"unknown newton_init {init!r}; choose from {list(NEWTON_INIT)}")
@@ -107,7 +109,7 @@ def newton_alpha(A: Tensor, init: str = "paper") -> tuple[Tensor, Tensor | None]
     # factor 1 - 2^-10 keeps it strictly inside the region of convergence and changes nothing else.
     alpha0 = 2.0 * (1 - 2.0 ** -10) / norm1.clamp_min(torch.finfo(A.dtype).tiny) ** 2
     betas = 0.5 ** torch.arange(11, dtype=A.dtype, device=A.device)  # (11,)
-    if bool((A >= 0).all()):
+    if nonnegative if nonnegative is not None else bool((A >= 0).all()):
         # A A >= 0 entrywise, so column j of |I - a A A| sums to |1 - a c_jj| + a (colsum_j - c_jj): O(m) per candidate.
         diag, colsum = A2.diagonal(dim1=-2, dim2=-1), A2.sum(-2)  # (..., m)
         a = alpha0[..., 0] * betas  # (..., 11)
@@ -121,10 +123,10 @@ def newton_alpha(A: Tensor, init: str = "paper") -> tuple[Tensor, Tensor | None]
     return alpha0 * betas[first][..., None, None], A2
 
 
-def _newton_iterate(A: Tensor, iters: int, init: str) -> Tensor:
+def _newton_iterate(A: Tensor, iters: int, init: str, nonnegative: bool | None = None) -> Tensor:
     """A_T of Algorithm 2 without autograd; A_{k+1} = 2 A_k - A_k (A A_k) as one fused product per step."""
     with torch.no_grad():
-        alpha, A2 = newton_alpha(A, init)
+        alpha, A2 = newton_alpha(A, init, nonnegative)
         Z = alpha * A
         for k in range(iters):
             AZ = alpha * A2 if (k == 0 and A2 is not None) else A @ Z  # reuse A A from the initialisation
@@ -148,24 +150,6 @@ class _NewtonInverse(torch.autograd.Function):
         return -(Zt @ grad @ Zt), None, None  # d(A^-1) = -A^-1 dA A^-1
 
 
-class _NewtonApply(torch.autograd.Function):
-    """Y = A^+ W by Newton iterations; backward through the analytic inverse gradient at O(m^2 d), never O(m^3)."""
-
-    @staticmethod
-    def forward(ctx, A: Tensor, W: Tensor, iters: int, init: str) -> Tensor:
-        Z = _newton_iterate(A, iters, init)
-        Y = Z @ W  # (..., m, d)
-        ctx.save_for_backward(Z, Y)
-        return Y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        Z, Y = ctx.saved_tensors
-        grad_W = Z.transpose(-1, -2) @ grad   # (..., m, d)
-        grad_A = -grad_W @ Y.transpose(-1, -2)  # -Z^T G (Z W)^T = -Z^T (G W^T) Z^T
-        return grad_A, grad_W, None, None
-
-
 def newton_inverse(A: Tensor, iters: int = 20, init: str = "paper") -> Tensor:
     """Moore-Penrose inverse of A (..., m, m) by Algorithm 2, with the analytic inverse gradient in backward."""
     _check_square(A)
@@ -182,28 +166,16 @@ def newton_inverse_unrolled(A: Tensor, iters: int = 20, init: str = "paper") -> 
     return Z
 
 
-class _RidgeSolve(torch.autograd.Function):
-    """Y = (A + ridge I)^-1 W by Cholesky (A is PSD); backward by the same factor at O(m^2 d)."""
-
-    @staticmethod
-    def forward(ctx, A: Tensor, W: Tensor, ridge: float) -> Tensor:
-        eye = _eye_like(A)
-        for attempt in range(4):  # float32 rounding can make a near-singular PSD matrix slightly indefinite
-            L, info = torch.linalg.cholesky_ex(A + (ridge * 100 ** attempt) * eye)
-            if not bool(info.any()):
-                break
-        else:
-            raise FloatingPointError("Cholesky of the landmark matrix failed even with ridge "
-                                     f"{ridge * 100 ** 3:g}; are there NaN or inf values in the input?")
-        Y = torch.cholesky_solve(W, L)
-        ctx.save_for_backward(L, Y)
-        return Y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        L, Y = ctx.saved_tensors
-        grad_W = torch.cholesky_solve(grad, L)
-        return -grad_W @ Y.transpose(-1, -2), grad_W, None
+def _ridge_cholesky(A: Tensor, ridge: float) -> Tensor:
+    """Cholesky factor of the PSD matrix A + ridge I; float32 rounding can make a near-singular A slightly
+    indefinite, so the ridge grows 100-fold (at most three times) for the factorisations that fail."""
+    eye = _eye_like(A)
+    for attempt in range(4):
+        L, info = torch.linalg.cholesky_ex(A + (ridge * 100 ** attempt) * eye)
+        if not bool(info.any()):
+            return L
+    raise FloatingPointError(f"Cholesky of the landmark matrix failed even with ridge {ridge * 100 ** 3:g}; "
+                             "are there NaN or inf values in the input?")
 
 
 def _check_square(A: Tensor) -> None:
@@ -267,6 +239,73 @@ def sample_landmarks(q: Tensor, mask: Tensor | None = None, *, sampling: str = "
     raise ValueError(f"unknown sampling {sampling!r}; choose from {list(SAMPLING)}")
 
 
+# --- the Nystrom product P^T (A^+ (P V)) with a hand-written backward -------------------------------------------------
+
+def _augment(x: Tensor, last: str) -> Tensor:
+    """[x, -|x|^2/2, 1] ("left") or [x, 1, -|x|^2/2] ("right"): their product is x.y - |x|^2/2 - |y|^2/2."""
+    half = -0.5 * (x * x).sum(-1, keepdim=True)
+    ones = torch.ones_like(half)
+    return torch.cat([x, half, ones] if last == "left" else [x, ones, half], dim=-1)
+
+
+def _kernel_backward(G: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of sum(G * K) w.r.t. x (..., m, d) and y (..., n, d) given G = dL/dK * K (..., m, n)."""
+    gx = G @ torch.cat([y, torch.ones_like(y[..., :1])], dim=-1)  # (..., m, d + 1): [G y, rowsum G]
+    gy = G.transpose(-1, -2) @ torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # [G^T x, colsum G]
+    return gx[..., :-1] - gx[..., -1:] * x, gy[..., :-1] - gy[..., -1:] * y
+
+
+class _SoftProduct(torch.autograd.Function):
+    """out = P^T (A^+ ((P V) * keep)) with P = exp(-||L - q||^2 / 2) (m x n), A = exp(-||L - L||^2 / 2) (m x m).
+
+    One pass builds P (one product, clamp, exp in place); the backward touches each m x n matrix the fewest times
+    (one product for both gradients of P, one in-place multiply) and never forms the gradient of the m x m inverse.
+    A^+ is applied by Newton iterations (analytic inverse gradient) or a ridge Cholesky solve.
+    """
+
+    @staticmethod
+    def forward(ctx, landmarks, q, v, keep, inverse, iters, init, ridge):
+        P = (_augment(landmarks, "left") @ _augment(q, "right").transpose(-1, -2)).clamp_(max=0.0).exp_()  # (b,h,m,n)
+        pair = keep & keep.transpose(-1, -2)  # (b, 1, m, m): both landmarks exist
+        A = gaussian_kernel_matrix_scaled(landmarks)
+        A = torch.where(pair, A, _eye_like(A))  # empty landmarks: identity rows/columns (see soft_attention)
+        W = (P @ v) * keep  # (b, h, m, d)
+        if inverse == "newton":
+            factor = _newton_iterate(A, iters, init, nonnegative=True)  # Z ~ A^+ (m x m)
+            Y = factor @ W
+        else:
+            factor = _ridge_cholesky(A, ridge)
+            Y = torch.cholesky_solve(W, factor)
+        out = P.transpose(-1, -2) @ Y  # (b, h, n, d)
+        ctx.inverse = inverse
+        ctx.save_for_backward(landmarks, q, v, keep, pair, P, A, factor, Y)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        landmarks, q, v, keep, pair, P, A, factor, Y = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_Y = P @ grad_out  # (b, h, m, d)
+        if ctx.inverse == "newton":
+            grad_W = factor.transpose(-1, -2) @ grad_Y
+        else:
+            grad_W = torch.cholesky_solve(grad_Y, factor)
+        grad_A = -grad_W @ Y.transpose(-1, -2)  # -A^-T G (A^-1 W)^T, the analytic inverse gradient
+        grad_W = grad_W * keep
+        grad_v = P.transpose(-1, -2) @ grad_W  # (b, h, n, d)
+        # dL/dP = Y grad_out^T + grad_W v^T as one product; then times P for the exponential
+        G = (torch.cat([Y, grad_W], -1) @ torch.cat([grad_out, v], -1).transpose(-1, -2)).mul_(P)  # (b, h, m, n)
+        grad_L, grad_q = _kernel_backward(G, landmarks, q)
+        G_A = grad_A * A * pair  # identity entries of empty landmarks carry no gradient
+        gl_a, gl_b = _kernel_backward(G_A, landmarks, landmarks)
+        return grad_L + gl_a + gl_b, grad_q, grad_v, None, None, None, None, None
+
+
+def gaussian_kernel_matrix_scaled(x: Tensor) -> Tensor:
+    """exp(-||x_i - x_j||^2 / 2) (..., m, m) for pre-scaled x, without autograd (used inside _SoftProduct)."""
+    return (_augment(x, "left") @ _augment(x, "right").transpose(-1, -2)).clamp_(max=0.0).exp_()
+
+
 # --- SOFT (Algorithm 1, eq. 9) ----------------------------------------------------------------------------------------
 
 def _check_options(sampling, window, num_landmarks, inverse, iters, newton_init, newton_grad) -> None:
@@ -321,22 +360,22 @@ def soft_attention(q: Tensor, v: Tensor, mask: Tensor | None = None, *, sampling
                                            device=q.device)
         keep = landmark_mask[:, None, :, None]  # (b, 1, m, 1)
 
-        # A = exp(Q~ - K~) (m x m); an empty landmark becomes an identity row/column, which leaves the valid block's
-        # inverse (and every Newton iterate of it) unchanged.
-        A = gaussian_kernel(landmarks, landmarks)  # (b, h, m, m)
-        A = torch.where(keep & keep.transpose(-1, -2), A, _eye_like(A))
-        P = gaussian_kernel(landmarks, q)  # (b, h, m, n); columns of padded keys meet v = 0 below
-        W = (P @ v) * keep  # (b, h, m, d); empty landmarks carry nothing
-
-        if inverse == "newton" and newton_grad == "analytic":
-            Y = _NewtonApply.apply(A, W, iters, newton_init)
-        elif inverse == "newton":
-            Y = newton_inverse_unrolled(A, iters, newton_init) @ W
-        elif inverse == "solve":
-            Y = _RidgeSolve.apply(A, W, ridge)
-        else:
-            Y = torch.linalg.pinv(A, hermitian=True) @ W
-        out = P.transpose(-1, -2) @ Y  # (b, h, n, d)
+        if inverse in ("newton", "solve") and newton_grad == "analytic":
+            out = _SoftProduct.apply(landmarks, q, v, keep, inverse, iters, newton_init, ridge)
+        else:  # the reference paths: plain autograd through pinv, or through every Newton iteration
+            # A = exp(Q~ - K~) (m x m); an empty landmark becomes an identity row/column, which leaves the valid
+            # block's inverse (and every Newton iterate of it) unchanged.
+            A = gaussian_kernel(landmarks, landmarks)  # (b, h, m, m)
+            A = torch.where(keep & keep.transpose(-1, -2), A, _eye_like(A))
+            P = gaussian_kernel(landmarks, q)  # (b, h, m, n); columns of padded keys meet v = 0 below
+            W = (P @ v) * keep  # (b, h, m, d); empty landmarks carry nothing
+            if inverse == "newton":
+                Y = newton_inverse_unrolled(A, iters, newton_init) @ W
+            elif inverse == "solve":
+                Y = torch.cholesky_solve(W, _ridge_cholesky(A, ridge))
+            else:
+                Y = torch.linalg.pinv(A, hermitian=True) @ W
+            out = P.transpose(-1, -2) @ Y  # (b, h, n, d)
         return zero_padding(out, mask).to(out_dtype)
 
 
