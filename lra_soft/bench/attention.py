@@ -46,7 +46,7 @@ class AttentionBenchConfig:
     memory: bool = True             # measure peak memory (one extra call per case and mode)
     flops: bool = True              # count forward+backward FLOPs with FlopCounterMode
     floors: bool = True             # time the Newton products of every soft/newton row and this machine's matmul rate
-    matmul_size: int = 2048         # side of the square float32 product that measures the machine's rate
+    matmul_size: int = 0            # side of the square float32 product for the machine's rate; 0: 2048 CPU, 8192 GPU
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -245,13 +245,15 @@ def run_attention_bench(specs: list[AttentionSpec], cfg: AttentionBenchConfig,
     device = resolve_device(cfg.device)
     reference: dict[str, Any] = {}
     if cfg.floors:
-        log(f"measuring the float32 matmul rate ({cfg.matmul_size}^2)")
-        reference["matmul_gflops_per_s"] = matmul_rate(device, size=cfg.matmul_size, repeats=cfg.repeats) / 1e9
+        size = cfg.matmul_size or (8192 if device.type == "cuda" else 2048)  # big enough to reach the peak rate
+        log(f"measuring the float32 matmul rate ({size}^2)")
+        reference["matmul_size"] = size
+        reference["matmul_gflops_per_s"] = matmul_rate(device, size=size, repeats=cfg.repeats) / 1e9
     rows: list[dict[str, Any]] = []
     for n in progress(cfg.lengths):
         rows += bench_length(specs, n, cfg, device, log)
     if cfg.floors:  # measured again at the end: the spread of the two is the noise of the rate on a shared machine
-        after = matmul_rate(device, size=cfg.matmul_size, repeats=cfg.repeats) / 1e9
+        after = matmul_rate(device, size=size, repeats=cfg.repeats) / 1e9
         reference["matmul_gflops_per_s_end"] = after
         rate = max(reference["matmul_gflops_per_s"], after)
         for r in rows:

@@ -87,7 +87,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in rows]
     ref = result.get("reference", {})
     if "matmul_gflops_per_s" in ref:
-        lines += ["", f"float32 matmul rate of this machine ({result['config'].get('matmul_size', '?')}^2, start / "
+        lines += ["", f"float32 matmul rate of this machine ({ref.get('matmul_size', '?')}^2, start / "
                       f"end of run): {ref['matmul_gflops_per_s']:.1f} / {ref.get('matmul_gflops_per_s_end', 0):.1f} "
                       "GFLOP/s"]
     if result.get("growth"):
