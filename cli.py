@@ -279,8 +279,8 @@ def bench(
     memory: Annotated[bool, typer.Option(help="Measure peak memory.")] = True,
     flops: Annotated[bool, typer.Option(help="Count forward+backward FLOPs (attention mode).")] = True,
     floors: Annotated[bool, typer.Option(help="Measure the matmul rate and SOFT's Newton-product floor.")] = True,
-    matmul_size: Annotated[int, typer.Option(help="Side of the square matmul that measures the machine's rate.")
-                           ] = 2048,
+    matmul_size: Annotated[int, typer.Option(help="Side of the square matmul that measures the machine's rate "
+                                                  "[0: 2048 on CPU, 8192 on GPU].")] = 0,
     model: Annotated[str, typer.Option(help="none (attention module) | lra (encoder, tokens/s) | imagenet "
                                             "(backbones, images/s).")] = "none",
     depth: Annotated[Optional[int], typer.Option(help="lra: encoder layers [2; fig1b 12].")] = None,
