@@ -340,5 +340,117 @@ def bench(
     typer.echo("written: " + ", ".join(str(p) for p in paths))
 
 
+imagenet_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                           help="SOFT ImageNet backbones (paper Table 2): summary, train, eval.")
+app.add_typer(imagenet_app, name="imagenet")
+
+
+@imagenet_app.command("summary")
+def imagenet_summary(
+    model: Annotated[list[str], typer.Option(help="Backbone (repeatable) [all five].")] = [],
+    img_size: Annotated[int, typer.Option(help="Square input side for FLOPs and m.")] = 224,
+) -> None:
+    """Parameters, FLOPs (torch.utils.flop_counter; GMACs beside the paper's G) and m per stage of the variants."""
+    from lra_soft.vision import PRESETS
+    from lra_soft.vision.profile import summary_table
+
+    unknown = sorted(set(model) - set(PRESETS))
+    if unknown:
+        _fail(ValueError(f"unknown model(s) {unknown}; choose from {sorted(PRESETS)}"))
+    typer.echo(summary_table(model or None, (img_size, img_size)))
+    typer.echo("GMACs = multiply-accumulates (the paper's 'FLOPs' convention) = GFLOPs / 2; dense = Linear + Conv2d; "
+               "attn = kernels, P^T A^+ (P V), stage-4 softmax and the Newton iterations (newton)")
+
+
+@imagenet_app.command("train")
+def imagenet_train(
+    data: Annotated[Path, typer.Option(help="ImageFolder root holding train/<class>/* and val/<class>/*.")],
+    model: Annotated[str, typer.Option(help="soft_tiny | soft_small | soft_medium | soft_large | soft_huge.")
+                     ] = "soft_tiny",
+    out: Annotated[Path, typer.Option(help="Run directory (config.json, log.jsonl, last.pt, best.pt).")
+                   ] = Path("runs/imagenet"),
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 300,
+    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.")] = 10,
+    global_batch: Annotated[int, typer.Option(help="Batch over all processes.")] = 1024,
+    micro_batch: Annotated[int, typer.Option(help="Per-process forward batch, 0 = global/world (else accumulate).")
+                           ] = 0,
+    lr: Annotated[float, typer.Option(help="Peak lr at batch 1024 (scaled by global-batch/1024).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+    img_size: Annotated[int, typer.Option(help="Training crop side (evaluation: resize /0.875, centre crop).")
+                        ] = 224,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
+    mixup: Annotated[float, typer.Option(help="Mixup alpha, 0 = off.")] = 0.8,
+    cutmix: Annotated[float, typer.Option(help="CutMix alpha, 0 = off.")] = 1.0,
+    drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = 0.1,
+    clip_grad: Annotated[float, typer.Option(help="Max gradient norm, 0 = none.")] = 0.0,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights, 0 = no EMA (authors: 0.99996).")] = 0.0,
+    option: Annotated[list[str], typer.Option("--option", "-o", help="VisionConfig field key=value (repeatable), "
+                                              "e.g. landmarks=avgpool, norm=pre, v_conv=(0,0,0).")] = [],
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
+    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps, 0 = full schedule.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    resume: Annotated[Optional[Path], typer.Option(help="Continue from this last.pt.")] = None,
+) -> None:
+    """Train a SOFT backbone with the paper's recipe; DDP with `torchrun --nproc_per_node N cli.py imagenet train`."""
+    import ast
+
+    from lra_soft import distributed as D
+    from lra_soft.checkpoint import CheckpointError
+    from lra_soft.imagenet import ImageNetConfig, train
+
+    try:
+        overrides = {}
+        for pair in option:
+            key, sep, raw = pair.partition("=")
+            if not sep:
+                raise ValueError(f"--option {pair!r} is not key=value")
+            try:
+                overrides[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                overrides[key] = raw
+        cfg = ImageNetConfig(model=model, img_size=img_size, epochs=epochs, warmup_epochs=warmup_epochs,
+                             global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
+                             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
+                             clip_grad=clip_grad, ema_decay=ema_decay, amp=amp, workers=workers, seed=seed,
+                             max_steps=max_steps)
+        metrics = train(cfg, data, out, device=device, resume=resume, **overrides)
+    except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
+        D.cleanup()
+        _fail(e)
+    if D.is_main():
+        typer.echo(f"{model}: step {metrics['step']}, val top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%"
+                   f" on {metrics['images']} images; run directory {out}")
+    D.cleanup()
+
+
+@imagenet_app.command("eval")
+def imagenet_eval(
+    checkpoint: Annotated[Path, typer.Argument(help="last.pt or best.pt of `imagenet train`.")],
+    data: Annotated[Path, typer.Option(help="ImageFolder root; evaluates DATA/SPLIT.")],
+    split: Annotated[str, typer.Option(help="Sub-directory of --data.")] = "val",
+    batch_size: Annotated[int, typer.Option(help="Per-process batch.")] = 64,
+    ema: Annotated[bool, typer.Option(help="Use the EMA weights when the checkpoint has them.")] = True,
+    workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 4,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+) -> None:
+    """Top-1 / top-5 of a checkpoint (resize to img_size/0.875, centre crop), summed over DDP processes."""
+    from lra_soft import distributed as D
+    from lra_soft.checkpoint import CheckpointError
+    from lra_soft.imagenet import evaluate_checkpoint
+
+    try:
+        m = evaluate_checkpoint(checkpoint, data, split=split, batch_size=batch_size, use_ema=ema, device=device,
+                                workers=workers)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        D.cleanup()
+        _fail(e)
+    if D.is_main():
+        typer.echo(f"{split}: top-1 {m['top1']:.2f}% top-5 {m['top5']:.2f}% loss {m['loss']:.4f} on {m['images']} "
+                   f"images ({m['weights']} weights of {checkpoint})")
+    D.cleanup()
+
+
 if __name__ == "__main__":
     app()
