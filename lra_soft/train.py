@@ -152,7 +152,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, collate: Callable, *, bat
     mine = list(range(D.rank(), n, D.world_size()))
     local = max(1, batch_size // D.world_size())
     loader = DataLoader(dataset, batch_sampler=[mine[i:i + local] for i in range(0, len(mine), local)],
-                        collate_fn=collate)
+                        collate_fn=collate, generator=torch.Generator())
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss * count
     for batch in loader:
         batch = _to(batch, device)
@@ -190,10 +190,18 @@ def _plot_curve(run_dir: Path) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    """Keep the metric lines up to ``step``: a resumed run rewrites what came after its checkpoint, including a
+    line cut short by the kill."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:
@@ -260,7 +268,12 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
         atomic_write_text(run_dir / "config.json", json.dumps(
             {**config, "vocab": data.vocab, "data": data.source, "world_size": world, "device": str(dev),
              "versions": versions()}, indent=1) + "\n")
-        _truncate_metrics(metrics_path, step) if resume else metrics_path.unlink(missing_ok=True)
+        if resume:
+            _truncate_metrics(metrics_path, step)
+            for stale in run_dir.glob(".*.tmp"):  # a write that a kill cut short (never a file we read)
+                stale.unlink(missing_ok=True)
+        else:
+            metrics_path.unlink(missing_ok=True)
     D.barrier()
     ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 \
         else model
@@ -277,7 +290,9 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
     while step < train_cfg.steps:
         epoch, offset = divmod(step, per_epoch)
         batches = batch_order(len(data.train), train_cfg.batch_size, train_cfg.seed, epoch, rank, world)[offset:]
-        for batch in DataLoader(data.train, batch_sampler=batches, collate_fn=collate):
+        # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and a resumed run,
+        # which opens a fresh iterator mid-epoch, would then see other dropout masks than the uninterrupted one.
+        for batch in DataLoader(data.train, batch_sampler=batches, collate_fn=collate, generator=torch.Generator()):
             tic = time.perf_counter()
             ddp.train()
             batch = _to(batch, dev)

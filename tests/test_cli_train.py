@@ -1,0 +1,119 @@
+"""CLI on the committed fixtures (Typer CliRunner, in process): train every task with softmax and soft, eval,
+eval-all, tasks, NaN handling and the errors a user can act on."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lra_soft.train
+from cli import app
+from lra_soft.checkpoint import load_checkpoint
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")  # each task's cache is built once, on its first train
+
+
+def _train(task, attn, out, data_dir, *extra):
+    args = ["train", task, "--attn", attn, "--source", str(FIXTURES / task), "--data-dir", str(data_dir),
+            "--out", str(out), "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--device", "cpu",
+            "--no-progress", *extra]
+    return runner.invoke(app, args)
+
+
+@pytest.mark.parametrize("attn", ["softmax", "soft"])
+@pytest.mark.parametrize("task", TASKS)
+def test_train_every_task(task, attn, tmp_path, data_dir):
+    # SOFT in the paper setting (avg-pool window 4, m = n/4, 20 Newton iterations) on the short fixture sequences of
+    # listops/text/retrieval; image and pathfinder are always 1,024 pixels (m = 256), where 16 landmarks keep CI fast.
+    extra = ["--option", "num_landmarks=16"] if attn == "soft" and task in ("image", "pathfinder") else []
+    result = _train(task, attn, tmp_path / "run", data_dir, *extra)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "learning_curve.png"):
+        assert (run / name).is_file(), name
+    res = json.loads((run / "results.json").read_text())
+    test_count = json.loads((Path(data_dir) / task / "manifest.json").read_text())["counts"]["test"]
+    assert res["test_examples"] == test_count  # the whole test split, no dropped batch
+    assert res["steps"] == 2 and 0.0 <= res["test_acc"] <= 1.0 and res["tokens_per_s"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["attention"] == attn and config["vocab"] and config["versions"]["torch"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]
+    assert {"loss", "lr", "tokens_per_s", "val_acc"} <= set(rows[0])
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+
+
+def test_eval_and_eval_all(tmp_path, data_dir):
+    runs = tmp_path / "runs"
+    for attn in ("softmax", "soft"):
+        assert _train("listops", attn, runs / attn, data_dir).exit_code == 0
+    res = json.loads((runs / "soft" / "results.json").read_text())
+
+    out = runner.invoke(app, ["eval", "listops", "--checkpoint", str(runs / "soft" / "best.pt"), "--source",
+                              str(FIXTURES / "listops"), "--data-dir", str(data_dir), "--device", "cpu",
+                              "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert f"accuracy {100 * res['test_acc']:.2f}% on {res['test_examples']} examples" in out.output
+
+    out = runner.invoke(app, ["eval", "text", "--checkpoint", str(runs / "soft" / "best.pt"), "--no-progress"])
+    assert out.exit_code == 1 and "trained on 'listops'" in out.output
+
+    out = runner.invoke(app, ["eval-all", "--runs", str(runs)])
+    assert out.exit_code == 0, out.output
+    assert "| soft |" in out.output and "paper 37.40" in out.output and "paper 37.10" in out.output
+    table = json.loads((runs / "eval_all.json").read_text())
+    soft = next(r for r in table["rows"] if r["attention"] == "soft")
+    assert soft["test_acc"] == pytest.approx(100 * res["test_acc"])
+    assert soft["diff"] == pytest.approx(100 * res["test_acc"] - 37.40)
+    assert (runs / "eval_all.csv").read_text().startswith("attention,task,test_acc,runs,paper,diff")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+    calls = {"n": 0}
+    real = lra_soft.train._loss
+
+    def loss_going_nan(logits, labels):
+        loss = real(logits, labels)
+        if torch.is_grad_enabled():  # training steps only; evaluation runs under no_grad
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(lra_soft.train, "_loss", loss_going_nan)
+    result = _train("listops", "softmax", tmp_path / "run", data_dir, "--steps", "5", "--eval-every", "1")
+    assert result.exit_code == 1
+    assert "loss is nan at step 3" in result.output and "step 2" in result.output
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_user_errors(tmp_path, data_dir):
+    first = _train("listops", "softmax", tmp_path / "run", data_dir)
+    assert first.exit_code == 0
+    again = _train("listops", "softmax", tmp_path / "run", data_dir)
+    assert again.exit_code == 1 and "--resume" in again.output
+    bad = _train("listops", "softmax", tmp_path / "b", data_dir, "--option", "num_landmarks=4")
+    assert bad.exit_code == 1 and "unknown option" in bad.output
+    missing = _train("listops", "softmax", tmp_path / "c", data_dir, "--resume")
+    assert missing.exit_code == 1 and "nothing to resume" in missing.output
+    other = _train("listops", "softmax", tmp_path / "run", data_dir, "--resume", "--lr", "0.5")
+    assert other.exit_code == 1 and "another configuration" in other.output
+    assert runner.invoke(app, ["train", "nosuchtask"]).exit_code == 1
+
+
+def test_tasks_and_attentions_list():
+    out = runner.invoke(app, ["tasks"])
+    assert out.exit_code == 0 and [line.split()[0] for line in out.output.splitlines()] == list(TASKS)
+    out = runner.invoke(app, ["attentions"])
+    assert out.exit_code == 0 and "soft" in out.output.split()
