@@ -1,4 +1,4 @@
-"""The five Long Range Arena tasks: one module each, with the same ``NAME``, ``MODEL``, ``TRAIN``, ``prepare``, ``load``.
+"""The five Long Range Arena tasks: one module each with ``NAME``, ``MODEL``, ``TRAIN``, ``prepare`` and ``load``.
 
 Importing this package reads no data; ``prepare`` builds a task's cache under ``data_dir / name`` and ``load``
 opens one split of it as a ``torch.utils.data.Dataset`` (see ``tasks/_common.py`` for the cache layout).
@@ -41,7 +41,7 @@ def prepare(name: str, source: Path | str | None = None, data_dir: Path = Path("
 
 
 def load(name: str, cache_path: Path, split: str) -> Dataset:
-    """One split ("train", "val" or "test") of a prepared cache, e.g. ``load("listops", Path("data/cache/listops"), "val")``."""
+    """One split ("train", "val" or "test") of a prepared cache, e.g. ``load("listops", cache, "val")``."""
     return get_task(name).load(Path(cache_path), split)
 
 

@@ -54,13 +54,10 @@ def check_options(task: str, options: dict[str, Any], defaults: dict[str, Any]) 
     merged = dict(defaults)
     for key, value in options.items():
         want = type(defaults[key])
-        if want is bool and not isinstance(value, bool) or want is int and (isinstance(value, bool)
-                                                                             or not isinstance(value, int)):
-            raise DataError(f"option {key}={value!r} of task {task!r} must be of type {want.__name__}")
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
+        if want is float and type(value) is int:
             value = float(value)
-        if want is str and not isinstance(value, str):
-            raise DataError(f"option {key}={value!r} of task {task!r} must be a string")
+        if type(value) is not want:  # exact: True is an int to isinstance, not an acceptable seed
+            raise DataError(f"option {key}={value!r} of task {task!r} must be of type {want.__name__}")
         merged[key] = value
     return merged
 

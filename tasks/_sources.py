@@ -32,7 +32,7 @@ def is_tfds(source: str | Path) -> bool:
 
 
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded carve-out: (kept indices, held-out indices), both in original order; ``round(n * fraction)`` held out."""
+    """A seeded carve-out: (kept, held-out) indices, both in original order; ``round(n * fraction)`` held out."""
     held = min(n - 1, max(1, round(n * fraction))) if n > 1 else 0
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[held:]), np.sort(perm[:held])

@@ -50,7 +50,8 @@ def locate(source: Path, resolution: int, difficulty: str) -> Path:
     if not source.exists():
         raise DataError(f"source {source} does not exist. Accepted layouts:\n{LAYOUTS}")
     sub = f"pathfinder{resolution}/{difficulty}"
-    for candidate in [".", difficulty, sub, f"lra_release/{sub}", f"lra_release/lra_release/{sub}", f"pathfinder/{sub}"]:
+    candidates = [".", difficulty, sub, f"lra_release/{sub}", f"lra_release/lra_release/{sub}", f"pathfinder/{sub}"]
+    for candidate in candidates:
         if _is_difficulty_dir(source / candidate):
             return source / candidate
     raise DataError(f"no {sub} folder (with metadata/ and imgs/) under {source}. Accepted layouts:\n{LAYOUTS}")
@@ -90,7 +91,7 @@ def read_metadata(root: Path) -> list[tuple[Path, int, str]]:
 
 
 def read_png(path: Path, resolution: int, where: str) -> np.ndarray:
-    """8-bit grayscale pixels (resolution, resolution) of one PNG; colour PNGs are converted as decode_png(channels=1)."""
+    """8-bit grayscale pixels (resolution, resolution) of one PNG; colour PNGs converted as decode_png(channels=1)."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as image:

@@ -60,7 +60,8 @@ def _acl_files(root: Path, split: str) -> list[tuple[Path, int]]:
     def key(p: Path):
         stem = p.stem.split("_")[0]
         return (int(stem), p.name) if stem.isdigit() else (1 << 62, p.name)
-    return [(p, label) for label, name in enumerate(LABELS) for p in sorted((root / split / name).glob("*.txt"), key=key)]
+    return [(p, label) for label, name in enumerate(LABELS)
+            for p in sorted((root / split / name).glob("*.txt"), key=key)]
 
 
 def _read_acl(root: Path, split: str):

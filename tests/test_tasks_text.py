@@ -98,7 +98,8 @@ def test_errors_missing_source_empty_split_bad_label(tmp_path):
     folder = tmp_path / "pq"
     folder.mkdir()
     for split, label in (("train", 2), ("test", 0)):
-        datasets.Dataset.from_dict({"text": ["a", "b"], "label": [label, 0]}).to_parquet(str(folder / f"{split}.parquet"))
+        rows = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [label, 0]})
+        rows.to_parquet(str(folder / f"{split}.parquet"))
     with pytest.raises(DataError, match=r"split 'train' has label\(s\) \[2\] outside 0 \(neg\) / 1 \(pos\)"):
         tasks.prepare("text", folder, tmp_path / "c", progress=False)
     (folder / "test.parquet").unlink()
