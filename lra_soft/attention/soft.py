@@ -170,6 +170,8 @@ def _ridge_cholesky(A: Tensor, ridge: float) -> Tensor:
     """Cholesky factor of the PSD matrix A + ridge I; float32 rounding can make a near-singular A slightly
     indefinite, so the ridge grows 100-fold (at most three times) for the factorisations that fail."""
     eye = _eye_like(A)
+    if torch.compiler.is_compiling():  # no data-dependent retry inside a compiled graph; a failure shows up as NaN
+        return torch.linalg.cholesky_ex(A + ridge * eye)[0]
     for attempt in range(4):
         L, info = torch.linalg.cholesky_ex(A + (ridge * 100 ** attempt) * eye)
         if not bool(info.any()):
