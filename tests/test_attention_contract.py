@@ -17,13 +17,16 @@ from torch.testing import assert_close
 from lra_soft.attention import ATTENTION, attention_options, build_attention
 
 DIM, HEADS, MAX_LEN = 16, 2, 64
-SMALL_OPTIONS = {  # options that exercise chunking / several landmarks at the small lengths used here
-    "linformer": {"k": 8},
-    "nystrom": {"num_landmarks": 4, "conv_kernel": 5},
-    "performer": {"num_features": 16},
-    "reformer": {"bucket_size": 4, "n_buckets": 4},
-}
-CASES = [(name, {}) for name in sorted(ATTENTION)] + [(n, o) for n, o in sorted(SMALL_OPTIONS.items()) if n in ATTENTION]
+SMALL_OPTIONS = [  # options that exercise chunking / several landmarks at the small lengths used here, and switches
+    ("linformer", {"k": 8}),
+    ("linformer", {"k": 8, "share_kv": True}),
+    ("nystrom", {"num_landmarks": 4, "conv_kernel": 5}),
+    ("nystrom", {"num_landmarks": 4, "conv_kernel": 0, "inverse": "pinv"}),
+    ("performer", {"num_features": 16}),
+    ("reformer", {"bucket_size": 4, "n_buckets": 4}),
+    ("reformer", {"bucket_size": 4, "n_buckets": 4, "n_hashes": 1}),
+]
+CASES = [(name, {}) for name in sorted(ATTENTION)] + [(name, o) for name, o in SMALL_OPTIONS if name in ATTENTION]
 IDS = [name + "".join(f"-{k}{v}" for k, v in options.items()) for name, options in CASES]
 TOLERANCE = {}  # name -> padding-invariance bound where a variant cannot hold 1e-5; none needs one so far
 LENGTHS = (13, 3)  # 13: not a multiple of any window / segment count; 3: shorter than every window

@@ -99,7 +99,7 @@ def test_performer_converges_to_softmax_as_features_grow():
     errors, grad_errors = {}, {}
     for m in (16, 256, 4096, 32768):
         w = orthogonal_features(m, d, dtype=torch.float64)
-        out, g = _grads(lambda q, k, v: favor_attention(q, k, v, w, mask), q, k, v)
+        out, g = _grads(lambda q, k, v, w=w: favor_attention(q, k, v, w, mask), q, k, v)
         errors[m] = ((out - out_ref).norm() / out_ref.norm()).item()
         grad_errors[m] = max(((got - want).norm() / want.norm()).item() for got, want in zip(g, g_ref))
     print("performer relative error by number of features: output", errors, "gradients", grad_errors)

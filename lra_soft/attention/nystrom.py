@@ -30,7 +30,9 @@ from lra_soft.attention._common import check_mask, merge_heads, split_heads, zer
 
 
 def iterative_pinv(A: Tensor, iters: int = 6) -> Tensor:
-    """Moore-Penrose inverse of A (..., m, m) by the Nystromformer iteration, Z_0 = A^T / (||A||_1 ||A||_inf) per matrix."""
+    """Moore-Penrose inverse of A (..., m, m) by the Nystromformer iteration from Z_0 = A^T / (||A||_1 ||A||_inf).
+
+    The initial scale is per matrix, so one matrix's result never depends on the others in the batch."""
     abs_A = A.abs()
     scale = abs_A.sum(dim=-2).amax(dim=-1) * abs_A.sum(dim=-1).amax(dim=-1)  # ||A||_1 ||A||_inf, (...)
     Z = A.transpose(-1, -2) / scale[..., None, None]
@@ -65,7 +67,7 @@ def segment_means(x: Tensor, seg: Tensor, m: int) -> Tensor:
 def nystrom_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, *, num_landmarks: int = 64,
                       pinv_iterations: int = 6, inverse: str = "iterative") -> Tensor:
     """Nystromformer eq. (15) on q, k, v (b, h, n, d), without the convolution; ``inverse="pinv"`` is exact."""
-    b, h, n, d = q.shape
+    b, _, n, d = q.shape
     m = num_landmarks
     q, k = zero_padding(q, mask) * d ** -0.25, zero_padding(k, mask) * d ** -0.25
     seg, landmark_mask = segment_ids(mask, b, n, m, q.device)
