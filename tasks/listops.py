@@ -11,16 +11,19 @@ order, so a model restored in a new process saw permuted ids); it is saved in ma
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import itertools
 import random
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from lra_soft.config import EncoderConfig, TrainConfig
-from tasks._common import (DataError, SplitWriter, TokenDataset, atomic_write_bytes, build_cache, check_options,
+from tasks._common import (DataError, SplitWriter, TokenDataset, atomic_open, build_cache, check_options,
                            file_record, find_layout, load_cache, require_nonempty, show_line)
 
 NAME = "listops"
@@ -110,25 +113,34 @@ def evaluate(op: str, values: list[int]) -> int:
     raise ValueError(f"unknown ListOps operator {op!r}")
 
 
-def generate(num: int, *, seed: int = 0, min_length: int = 500, max_length: int = 2000, max_depth: int = 10,
-             max_args: int = 10, progress: bool = False) -> list[tuple[str, int]]:
-    """``num`` distinct (source, label) rows with ``min_length < length < max_length``, in draw order.
+def generate(num: int, **options: Any) -> list[tuple[str, int]]:
+    """``num`` distinct (source, label) rows in draw order; the options of ``iter_rows``."""
+    return list(iter_rows(num, **options))
+
+
+def iter_rows(num: int, *, seed: int = 0, min_length: int = 500, max_length: int = 2000, max_depth: int = 10,
+              max_args: int = 10, progress: bool = False) -> Iterator[tuple[str, int]]:
+    """Yield ``num`` distinct (source, label) rows with ``min_length < length < max_length``, in draw order.
 
     Rejection sampling as the official ``main``; a draw is abandoned as soon as it exceeds ``max_length`` tokens,
     which changes which random numbers later draws see but not the distribution of accepted trees (draws are
-    independent). Duplicates are dropped as the official ``set`` does; insertion order replaces set order.
+    independent). Duplicates are dropped as the official ``set`` does (by a 128-bit digest, so 100,000 trees of
+    ~6.5 kB need not stay in memory); draw order replaces the official set order.
     """
     if not 0 <= min_length < max_length - 1:
         raise ValueError(f"need 0 <= min_length < max_length - 1, got min_length={min_length}, max_length={max_length}")
     rng = random.Random(seed)
-    rows: dict[str, int] = {}
+    seen: set[bytes] = set()
     with tqdm(total=num, desc="generating ListOps", unit="tree", disable=not progress) as bar:
-        while len(rows) < num:
+        while len(seen) < num:
             tree = sample_tree(rng, max_depth=max_depth, max_args=max_args, max_length=max_length)
-            if tree is not None and min_length < tree[1] and tree[0] not in rows:
-                rows[tree[0]] = tree[2]
+            if tree is None or tree[1] <= min_length:
+                continue
+            digest = hashlib.blake2b(tree[0].encode(), digest_size=16).digest()
+            if digest not in seen:
+                seen.add(digest)
                 bar.update()
-    return list(rows.items())
+                yield tree[0], tree[2]
 
 
 def sample_tree(rng: random.Random, *, max_depth: int = 10, max_args: int = 10,
@@ -142,27 +154,31 @@ def sample_tree(rng: random.Random, *, max_depth: int = 10, max_args: int = 10,
     return "".join(out), max_length - 1 - budget[0], value
 
 
-def tsv_bytes(rows: list[tuple[str, int]]) -> bytes:
-    """The official file: ``csv.writer(delimiter='\\t')`` with its default CRLF terminator, header first."""
-    out = io.StringIO(newline="")
-    writer = csv.writer(out, delimiter="\t")
+def write_tsv(f: TextIO, rows: Iterable[tuple[str, int]]) -> None:
+    """The official file: ``csv.writer(delimiter='\t')`` with its default CRLF terminator, header first."""
+    writer = csv.writer(f, delimiter="\t")
     writer.writerow(["Source", "Target"])
-    writer.writerows([source, label] for source, label in rows)
+    writer.writerows(rows)
+
+
+def tsv_bytes(rows: Iterable[tuple[str, int]]) -> bytes:
+    out = io.StringIO(newline="")
+    write_tsv(out, rows)
     return out.getvalue().encode("ascii")
 
 
 def write_generated(directory: Path, *, progress: bool = False, **options: Any) -> dict[str, Path]:
-    """Generate the three official TSV files into ``directory`` (atomically); returns their paths by split."""
+    """Generate the three official TSV files into ``directory`` (atomically, streaming); returns them by split."""
     opts = check_options(NAME, options, GENERATOR_DEFAULTS)
     sizes = {"train": opts["num_train"], "val": opts["num_val"], "test": opts["num_test"]}
-    rows = generate(sum(sizes.values()), seed=opts["seed"], min_length=opts["min_length"],
-                    max_length=opts["max_length"], max_depth=opts["max_depth"], max_args=opts["max_args"],
-                    progress=progress)
-    paths, start = {}, 0
-    for split, n in sizes.items():
-        paths[split] = Path(directory) / FILES[split]
-        atomic_write_bytes(paths[split], tsv_bytes(rows[start:start + n]))
-        start += n
+    rows = iter_rows(sum(sizes.values()), seed=opts["seed"], min_length=opts["min_length"],
+                     max_length=opts["max_length"], max_depth=opts["max_depth"], max_args=opts["max_args"],
+                     progress=progress)
+    paths = {split: Path(directory) / FILES[split] for split in sizes}
+    for split, n in sizes.items():  # train takes the first num_train rows drawn, then val, then test
+        with atomic_open(paths[split], "w", encoding="ascii", newline="") as f:
+            write_tsv(f, itertools.islice(rows, n))
+    next(rows, None)  # lets the generator finish and close its progress bar
     return paths
 
 
