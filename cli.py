@@ -68,6 +68,25 @@ def attentions() -> None:
         typer.echo(f"{name:<10} {doc}")
 
 
+@app.command("newton-residual")
+def newton_residual(
+    iters: Annotated[str, typer.Option(help="Comma-separated iteration counts.")] = "10,20,30",
+    landmarks: Annotated[str, typer.Option(help="Comma-separated m (landmark counts).")] = "16,64,256,512",
+    head_dim: Annotated[int, typer.Option(help="Head dim d of the random tokens.")] = 32,
+    seed: int = 0,
+) -> None:
+    """Residual ||A A_k A - A||_2 / ||A||_2 of SOFT's Newton inverse (paper Fig. 4) for both initialisations."""
+    from lra_soft.attention.diagnostics import residual_table
+
+    its = [int(k) for k in iters.split(",")]
+    rows = residual_table([int(m) for m in landmarks.split(",")], its, d=head_dim, seed=seed)
+    typer.echo("| m | init | cond(A) | " + " | ".join(f"{k} iters" for k in its) + " |")
+    typer.echo("|---|---|---|" + "---|" * len(its))
+    for r in rows:
+        typer.echo(f"| {r['m']} | {r['init']} | {r['cond']:.3g} | "
+                   + " | ".join(f"{r[f'iters={k}']:.2e}" for k in its) + " |")
+
+
 def _source_layouts() -> str:
     import tasks
 
