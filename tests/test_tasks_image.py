@@ -88,6 +88,7 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 
 def test_binary_truncated_and_label_out_of_range(tmp_path):
+    """Truncated binary batches and labels outside 0..9 name the file (pitfall 21)."""
     root = cifar_binary(tmp_path)
     path = root / "data_batch_2.bin"
     data = bytearray(path.read_bytes())
@@ -103,6 +104,7 @@ def test_binary_truncated_and_label_out_of_range(tmp_path):
 
 
 def test_parquet_matches_batches_and_hub_fails_fast_offline(tmp_path, monkeypatch):
+    """Hub-layout parquet reads to the same tokens; the hub fails within seconds offline (pitfall 22)."""
     cifar_python(tmp_path / "py")
     a = tasks.prepare("image", tmp_path / "py", tmp_path / "ca", progress=False)
     pq = cifar_parquet(tmp_path / "pq")
@@ -116,6 +118,7 @@ def test_parquet_matches_batches_and_hub_fails_fast_offline(tmp_path, monkeypatc
 
 
 def test_tfds_absence_is_reported(tmp_path):
+    """Without tensorflow-datasets a tfds: source says what to install (pitfall 22)."""
     try:
         import tensorflow_datasets  # noqa: F401
         pytest.skip("tensorflow_datasets is installed here")

@@ -53,6 +53,7 @@ def test_generator_length_bounds_token_count_and_labels():
 
 
 def test_generator_short_trees_match_reference_and_med_truncates():
+    """MED of an even count truncates the mean as int(np.median) does (pitfall 21: labels are plain ints)."""
     rows = listops.generate(300, seed=11, min_length=1, max_length=80)
     assert all(label == reference_value(s) for s, label in rows)
     assert {label for _, label in rows} == set(range(10))
@@ -94,6 +95,7 @@ def test_official_tokenisation_and_fixed_vocabulary():
 
 
 def test_reads_official_layout_and_tokens_are_the_vocab_ids(tmp_path):
+    """The nested lra_release/lra_release/listops-1000 layout reads; ids follow the fixed vocabulary (pitfall 1)."""
     root = listops_tsv(tmp_path / "lra_release" / "lra_release" / "listops-1000")
     cache = tasks.prepare("listops", tmp_path, tmp_path / "cache", progress=False)
     manifest = read_manifest(cache)
@@ -129,6 +131,7 @@ def test_vocabulary_ids_do_not_depend_on_the_data(tmp_path):
     ("( ( [FIRST 1 ) 2 ) ] )\t1", "unknown token(s) ['[FIRST']"),
 ])
 def test_malformed_lines_name_file_line_and_show_it(tmp_path, line, message):
+    """A malformed line names file and line and shows it; no cache is left behind (pitfall 2: no silent token loss)."""
     root = listops_tsv(tmp_path / "src")
     path = root / "basic_test.tsv"
     lines = path.read_bytes().split(b"\r\n")
@@ -141,6 +144,7 @@ def test_malformed_lines_name_file_line_and_show_it(tmp_path, line, message):
 
 
 def test_header_missing_empty_split_and_missing_source(tmp_path):
+    """A missing header, an empty split or a missing source each fail with what to do (pitfall 22)."""
     root = listops_tsv(tmp_path / "src")
     val = root / "basic_val.tsv"
     val.write_bytes(val.read_bytes().split(b"\r\n", 1)[1])
@@ -156,6 +160,7 @@ def test_header_missing_empty_split_and_missing_source(tmp_path):
 
 
 def test_generated_default_cache_is_reused_and_rebuilt_on_new_options(tmp_path):
+    """The generated set is made once per seed/options and rebuilt when they change (pitfall 13)."""
     small = dict(num_train=12, num_val=4, num_test=4, min_length=10, max_length=60)
     cache = tasks.prepare("listops", None, tmp_path, progress=False, **small)
     manifest = read_manifest(cache)

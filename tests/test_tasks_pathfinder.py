@@ -39,6 +39,7 @@ def test_reads_tree_skips_empty_png_and_writes_split(tmp_path):
 
 
 def test_split_is_seeded(tmp_path):
+    """The same seed gives the same split, another seed another one (pitfall 13)."""
     pathfinder_tree(tmp_path)
     a = json.loads((tasks.prepare("pathfinder", tmp_path, tmp_path / "a", progress=False) / "split.json").read_text())
     b = json.loads((tasks.prepare("pathfinder", tmp_path, tmp_path / "b", progress=False) / "split.json").read_text())
@@ -75,6 +76,7 @@ def test_layouts_difficulty_and_resolution(tmp_path):
     ("short", "metadata/2.npy:4: expected at least 4 space-separated fields"),
 ])
 def test_errors_name_the_image_or_metadata_line(tmp_path, problem, message):
+    """Unreadable or missing images and bad metadata lines name the file and line (pitfalls 15, 16)."""
     pathfinder_tree(tmp_path)
     root = tmp_path / HARD
     png, meta = root / "imgs" / "2" / "sample_3.png", root / "metadata" / "2.npy"
@@ -95,6 +97,7 @@ def test_errors_name_the_image_or_metadata_line(tmp_path, problem, message):
 
 
 def test_empty_split_and_no_metadata(tmp_path):
+    """Too few images for a split, or no metadata, fail clearly (pitfall 16)."""
     pathfinder_tree(tmp_path, batches=("0",), per_batch=3, empty=("0", 0))
     with pytest.raises(DataError, match=r"empty split\(s\) \['val', 'test'\]"):
         tasks.prepare("pathfinder", tmp_path, tmp_path / "c", progress=False)

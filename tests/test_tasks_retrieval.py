@@ -26,6 +26,7 @@ def test_reads_every_row_with_literal_quotes_and_repr_text(tmp_path):
 
 
 def test_decode_option_and_truncation(tmp_path):
+    """decode=true evaluates the b'...' literal; documents keep their first max_length bytes (pitfall 5)."""
     root = aan_tsv(tmp_path)
     cache = tasks.prepare("retrieval", root, tmp_path / "c", progress=False, decode=True, max_length=30)
     first = (root / "new_aan_pairs.eval.tsv").read_bytes().split(b"\n")[0].split(b"\t")
@@ -54,6 +55,7 @@ def test_float_labels_and_crlf(tmp_path):
     (lambda f: [b"yes"] + f[1:], "label b'yes' is not a number"),
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, edit, message):
+    """Wrong column counts and labels name file and line (pitfalls 5, 21)."""
     root = aan_tsv(tmp_path)
     path = root / "new_aan_pairs.eval.tsv"
     lines = path.read_bytes().split(b"\n")
@@ -65,6 +67,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, edit, message):
 
 
 def test_decode_rejects_non_literals_and_missing_files_list_layouts(tmp_path):
+    """decode=true refuses non-literals; a missing file lists the layouts (pitfalls 5, 22)."""
     root = aan_tsv(tmp_path)
     path = root / "new_aan_pairs.train.tsv"
     path.write_bytes(path.read_bytes().replace(b"\tb'", b"\tnot-a-literal '", 1))

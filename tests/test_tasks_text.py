@@ -61,6 +61,7 @@ def test_local_parquet_equals_aclimdb(tmp_path):
 
 
 def test_hub_without_network_fails_within_seconds(tmp_path, monkeypatch):
+    """No network: the hub source fails in seconds with what to do (pitfall 22)."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
@@ -75,6 +76,7 @@ def test_hub_without_network_fails_within_seconds(tmp_path, monkeypatch):
 
 
 def test_tfds_absence_is_reported(tmp_path):
+    """Without tensorflow-datasets a tfds: source says what to install (pitfall 22)."""
     try:
         import tensorflow_datasets  # noqa: F401
         pytest.skip("tensorflow_datasets is installed here")
@@ -85,6 +87,7 @@ def test_tfds_absence_is_reported(tmp_path):
 
 
 def test_errors_missing_source_empty_split_bad_label(tmp_path):
+    """Missing source, empty split, label out of range, missing parquet split (pitfalls 4, 22)."""
     with pytest.raises(DataError, match="needs --source"):
         tasks.prepare("text", None, tmp_path / "c")
     with pytest.raises(DataError, match=r"(?s)no recognised data layout .*aclImdb/ with train/\{pos,neg\}"):
@@ -108,5 +111,6 @@ def test_errors_missing_source_empty_split_bad_label(tmp_path):
 
 
 def test_encode_is_bytetextencoder():
+    """Byte ids are UTF-8 byte + 1, as tfds' ByteTextEncoder (pitfall 3: length explicit)."""
     assert text.encode("é<br />", 100).tolist() == [0xC3 + 1, 0xA9 + 1, *[b + 1 for b in b"<br />"]]
     assert text.encode(b"abcdef", 3).tolist() == [98, 99, 100]
