@@ -198,6 +198,30 @@ def test_nystrom_with_every_token_a_landmark_is_softmax(lengths):
         assert_close(got, want)
 
 
+def test_nystrom_matches_the_papers_formulas_where_they_apply():
+    """n a multiple of m, no padding, one matrix: segment means by reshape, Z_0 = A^T / (max colsum * max rowsum)."""
+    n, d, m = 48, 8, 6
+    q, k, v = (torch.randn(1, 1, n, d, dtype=torch.float64) for _ in range(3))
+
+    def reference(q, k, v):
+        q, k = q * d ** -0.25, k * d ** -0.25
+        q_l, k_l = q.reshape(1, 1, m, n // m, d).mean(-2), k.reshape(1, 1, m, n // m, d).mean(-2)
+        kernel_1 = (q @ k_l.transpose(-1, -2)).softmax(-1)
+        A = (q_l @ k_l.transpose(-1, -2)).softmax(-1)
+        kernel_3 = (q_l @ k.transpose(-1, -2)).softmax(-1)
+        Z = A.transpose(-1, -2) / (A.sum(-2).max() * A.sum(-1).max())
+        for _ in range(6):
+            AZ = A @ Z
+            Z = 0.25 * Z @ (13 * torch.eye(m) - AZ @ (15 * torch.eye(m) - AZ @ (7 * torch.eye(m) - AZ)))
+        return kernel_1 @ Z @ kernel_3 @ v
+
+    out, g = _grads(lambda q, k, v: nystrom_attention(q, k, v, num_landmarks=m), q, k, v)
+    out_ref, g_ref = _grads(reference, q, k, v)
+    assert_close(out, out_ref)
+    for got, want in zip(g, g_ref):
+        assert_close(got, want)
+
+
 def test_nystrom_iterative_inverse_converges_with_iterations():
     b, h, n, d, m = 2, 2, 64, 16, 16
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
