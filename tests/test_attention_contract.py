@@ -104,6 +104,16 @@ def test_batch_of_one_equals_its_row_of_a_batch(name, options):
         assert_close(alone[0][mask[i]], out[i][mask[i]], atol=1e-5, rtol=1e-5, msg=f"{name}: row {i}")
 
 
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_a_fully_padded_row_stays_finite_and_isolated(name, options):
+    attn = _build(name, options)
+    x, mask = _batch(13)
+    mask[1] = False
+    out = _run(attn, x, mask)
+    assert torch.isfinite(out).all()
+    assert_close(out[0], _run(attn, x[:1], mask[:1])[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n", LENGTHS)
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_float64_matches_float32(name, options, n):
