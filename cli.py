@@ -413,22 +413,12 @@ def imagenet_train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue from this last.pt.")] = None,
 ) -> None:
     """Train a SOFT backbone with the paper's recipe; DDP with `torchrun --nproc_per_node N cli.py imagenet train`."""
-    import ast
-
     from lra_soft import distributed as D
     from lra_soft.checkpoint import CheckpointError
     from lra_soft.imagenet import ImageNetConfig, train
 
     try:
-        overrides = {}
-        for pair in option:
-            key, sep, raw = pair.partition("=")
-            if not sep:
-                raise ValueError(f"--option {pair!r} is not key=value")
-            try:
-                overrides[key] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                overrides[key] = raw
+        overrides = _parse_options(option, "--option")
         cfg = ImageNetConfig(model=model, img_size=img_size, epochs=epochs, warmup_epochs=warmup_epochs,
                              global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                              label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,

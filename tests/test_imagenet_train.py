@@ -56,6 +56,8 @@ def test_cli_reports_bad_input(image_folder, tmp_path):
     result = runner.invoke(app, ["imagenet", "train", "--data", str(image_folder), *SMOKE[:4], "--global-batch",
                                  "6", "--micro-batch", "4"])
     assert result.exit_code == 1 and "not a multiple of --micro-batch" in result.output
+    result = runner.invoke(app, ["imagenet", "train", "--data", str(image_folder), *SMOKE, "-o", "dpeths=(1,1,1,1)"])
+    assert result.exit_code == 1 and "unknown VisionConfig field(s) ['dpeths']" in result.output
     result = runner.invoke(app, ["imagenet", "eval", str(tmp_path / "none.pt"), "--data", str(image_folder)])
     assert result.exit_code == 1 and "does not exist" in result.output
 

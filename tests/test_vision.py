@@ -1,4 +1,5 @@
 """The SOFT ImageNet backbones: Table 2 sizes, 224 px forward, gradients, other resolutions, the 2D SOFT layer."""
+import json
 import sys
 import types
 
@@ -7,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from lra_soft.attention.gaussian import gaussian_attention
-from lra_soft.vision import PAPER, PRESETS, build_model, preset
+from lra_soft.vision import PAPER, PRESETS, VisionConfig, build_model, preset
 from lra_soft.vision.layers import SoftAttention2d, drop_path, resize_pos_embed
+from lra_soft.vision.model import config_dict
 from lra_soft.vision.profile import profile
 
 
@@ -64,6 +66,11 @@ def test_too_small_input_fails_clearly():
         preset("soft_tiny", dpeths=(1, 1, 1, 1))
 
 
+def test_config_round_trip():
+    cfg = preset("soft_small", landmarks="avgpool", stage4_attention="soft", stage4_options={"window": 2})
+    assert VisionConfig.from_dict(json.loads(json.dumps(config_dict(cfg)))) == cfg
+
+
 def test_bf16_autocast_forward():
     model = build_model("soft_tiny", num_classes=10, img_size=64).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -71,7 +78,7 @@ def test_bf16_autocast_forward():
     assert out.shape == (2, 10) and torch.isfinite(out.float()).all()
 
 
-# --- the 2D SOFT layer against exact references ------------------------------------------------------------------------
+# --- the 2D SOFT layer against exact references -----------------------------------------------------------------------
 
 def test_conv_landmarks_follow_the_2d_layout():
     """Landmark (i, j) of a head is the r x r window at rows r i.., columns r j.. of that head's Q map."""

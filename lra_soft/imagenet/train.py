@@ -120,7 +120,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, *, split: 
     info = dist.init_distributed(device)
     state = load_checkpoint(checkpoint, map_location="cpu", required=("model", "model_config", "config", "classes"))
     cfg = replace(ImageNetConfig(**state["config"]), workers=workers)
-    model = SoftVisionTransformer(VisionConfig(**_tuples(state["model_config"])))
+    model = SoftVisionTransformer(VisionConfig.from_dict(state["model_config"]))
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     model.load_state_dict(weights)
     loader = eval_loader(Path(data_dir) / split, state["classes"], cfg, batch_size, info.world_size, info.rank,
@@ -281,6 +281,3 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}

@@ -73,6 +73,11 @@ class VisionConfig:
             raise ValueError(f"img_size {self.img_size} is below the smallest input this config accepts "
                              f"({self.min_img_size} px: every SOFT stage needs at least one r x r landmark window)")
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        """Inverse of ``dataclasses.asdict`` after a JSON or checkpoint round trip (lists back to tuples)."""
+        return cls(**_tuples(d))
+
     @property
     def min_img_size(self) -> int:
         """Smallest square input whose stage maps hold at least one landmark window each."""
@@ -105,4 +110,8 @@ def preset(name: str, **overrides) -> VisionConfig:
     if unknown:
         raise ValueError(f"unknown VisionConfig field(s) {unknown} for {name}; valid fields: "
                          f"{[f.name for f in fields(VisionConfig)]}")
-    return replace(PRESETS[name], **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    return replace(PRESETS[name], **_tuples(overrides))
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
