@@ -12,7 +12,10 @@ What the paper leaves open is an option here, with the default and the reason ne
   heads (d_h -> d_h), which is what gives Table 4b's 13.07M (conv) vs 12.96M (pooling) for Tiny. ``"avgpool"`` is the
   r x r average pooling of Table 4b.
 - ``landmark_norm = False``: the authors' code follows the landmark conv with LayerNorm + GELU; the paper describes
-  the plain convolution, so the plain convolution is the default and LN + GELU an option.
+  the plain convolution, so the plain convolution is the default and LN + GELU an option. Landmarks are computed
+  from the unscaled Q and ``soft_attention`` scales them by d^-1/4 like Q; for the plain conv or pooling this equals
+  the authors' order (they are linear), whereas LN + GELU landmarks end up d^-1/4 smaller than the authors' (who
+  leave them at unit scale next to scaled queries).
 - ``v_conv = (9, 5, 3)``: the authors' code always adds a depthwise k x k convolution of V (one filter per head) to
   the attention output. The paper does not mention it but every reported number comes from code that has it, so it
   is on by default; ``(0, 0, 0)`` removes it.

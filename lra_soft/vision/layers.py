@@ -101,7 +101,7 @@ class SoftAttention2d(nn.Module):
             raise ValueError(f"got {n} tokens for a {H}x{W} map")
         q = split_heads(self.W_q(x), self.heads)  # (b, h, n, d)
         v = split_heads(self.W_v(x), self.heads)  # (b, h, n, d)
-        out = soft_attention(q, v, landmarks=self.landmarks(q, hw), **self.soft_options).to(v.dtype)  # (b, h, n, d)
+        out = soft_attention(q, v, landmarks=self.landmarks(q, hw), **self.soft_options)  # (b, h, n, d)
         if self.v_conv is not None:
             d = v.shape[-1]
             v_map = v.permute(0, 3, 1, 2).reshape(b * d, self.heads, H, W)  # (b d, h, H, W)
