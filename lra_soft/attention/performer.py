@@ -52,7 +52,7 @@ def positive_features(x: Tensor, w: Tensor, *, mask: Tensor | None = None, is_qu
         masked = logits if valid is None else logits.masked_fill(~valid, float("-inf"))
         c = masked.amax(dim=(-1, -2), keepdim=True)                           # (b, h, 1, 1)
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))            # a sequence with no valid token
-    phi = torch.exp(logits - c.detach()) / math.sqrt(w.shape[0])
+    phi = torch.exp(logits - (c.detach() + 0.5 * math.log(w.shape[0])))     # the 1/sqrt(m) folded into the exponent
     if valid is not None and not is_query:
         phi = phi.masked_fill(~valid, 0.0)
     return phi
