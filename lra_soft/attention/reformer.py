@@ -3,10 +3,11 @@
 Shared-QK attention (Section 2): one projection gives the queries q_i and the keys k_j = q_j / ||q_j||; the logits
 are q_i . k_j (no further 1/sqrt(d), as in the Hugging Face port of the authors' trax code). Angular LSH (Section 2,
 after Andoni et al. 2015) hashes a vector x to h(x) = argmax([x R; -x R]) for a random rotation R (d x n_buckets/2).
-Per hash round, tokens are sorted by (bucket, position), the sorted sequence is cut into chunks of ``bucket_size``,
-and every query attends to the keys of its own chunk and of the previous chunk (Figure 2). A token attends to itself only when no other key is
-available: its own logit is replaced by -1e5 (Section 2, "shared-QK"). The ``n_hashes`` rounds are combined by their
-log-sum-exp weights, out_i = sum_r exp(z_r,i - logsumexp_r z_r,i) o_r,i (Section 2, "multi-round LSH").
+Per hash round, tokens are sorted by (bucket, position), the sorted sequence is cut into chunks of ``bucket_size``, and
+every query attends to the keys of its own chunk and of the previous chunk (Figure 2). A token attends to itself only
+when no other key is available: its own logit is replaced by -1e5 (Section 2, "shared-QK"). The ``n_hashes`` rounds are
+combined by their log-sum-exp weights, out_i = sum_r exp(z_r,i - logsumexp_r z_r,i) o_r,i (Section 2, "multi-round
+LSH").
 
 Padding and determinism, chosen so that padding cannot change a valid output:
 - padded tokens go to an extra bucket sorted after every real bucket, so the sorted valid tokens and therefore all
