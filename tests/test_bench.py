@@ -136,6 +136,7 @@ def test_cli_bench_compiled_rows(tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert sorted(r["compiled"] for r in rows) == [False, False, True, True]
+    assert [r["graph_breaks"] for r in rows if r["compiled"]] == [0, 0]  # reported for compiled rows
     assert all(r["fwdbwd_ms"] > 0 for r in rows)
 
 

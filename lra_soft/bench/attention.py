@@ -120,6 +120,18 @@ class _Case:
         return torch.autocast(self.x.device.type, dtype=self.amp_dtype)
 
 
+def graph_breaks(case: _Case) -> dict[str, Any]:
+    """Graphs and graph breaks that dynamo finds in the module's training forward (``torch._dynamo.explain``)."""
+    try:
+        case.module.train()
+        with case._amp():
+            info = torch._dynamo.explain(case.module)(case.x, case.mask)
+    except Exception as err:  # noqa: BLE001 - explain is a diagnostic; its failure must not end the benchmark
+        return {"graph_breaks": None, "graph_break_error": f"{type(err).__name__}: {err}"[:200]}
+    return {"graphs": info.graph_count, "graph_breaks": info.graph_break_count,
+            "graph_break_reasons": sorted({str(b.reason).splitlines()[0][:160] for b in info.break_reasons})}
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) or \
         "out of memory" in str(err).lower()
@@ -162,6 +174,8 @@ def bench_length(specs: list[AttentionSpec], n: int, cfg: AttentionBenchConfig, 
                 continue
             cases.append((key, case))
             rows[key] = _case_row(case, cfg, device)
+            if compiled:
+                rows[key].update(graph_breaks(case))
     fns: dict[str, Callable[[], Any]] = {}
     for key, case in cases:
         fns[f"{key}|fwd"] = case.forward

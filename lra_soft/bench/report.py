@@ -27,7 +27,7 @@ ATTENTION_COLUMNS = [
     ("fwdbwd_mem_mb", "fwd+bwd MiB", "{:.1f}"), ("fwdbwd_x_softmax", "time x softmax", "{:.2f}"),
     ("fwdbwd_mem_x_softmax", "mem x softmax", "{:.2f}"), ("fwdbwd_gflop", "GFLOP", "{:.2f}"),
     ("fwdbwd_gflops_per_s", "GFLOP/s", "{:.1f}"), ("newton_floor_ms", "Newton floor ms", "{:.2f}"),
-    ("fwdbwd_x_newton_floor", "x floor", "{:.2f}"),
+    ("fwdbwd_x_newton_floor", "x floor", "{:.2f}"), ("graph_breaks", "graph breaks", "{}"),
 ]
 MODEL_COLUMNS = [
     ("model", "model", "{}"), ("attention", "attention", "{}"), ("n", "n", "{}"), ("batch", "batch", "{}"),
