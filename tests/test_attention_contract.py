@@ -8,7 +8,10 @@ new random content in its padded positions; outputs at valid positions must not 
 Random draws (Reformer's training-mode rotations) are reseeded before each forward pass so that two passes differ
 only by their padding.
 """
+import ast
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,6 +156,16 @@ def test_unknown_name_fails_listing_the_choices():
     with pytest.raises(ValueError) as info:
         build_attention("no_such_attention", DIM, HEADS, max_len=MAX_LEN)
     assert all(name in str(info.value) for name in ATTENTION)
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION))
+def test_readme_table_lists_every_option_with_its_default(name):
+    section = Path(__file__).resolve().parents[1].joinpath("README.md").read_text().split("## Attentions", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith(f"| `{name}` |")]
+    assert len(rows) == 1, f"README's Attentions table needs one row for {name!r}"
+    listed = {key: ast.literal_eval(value) for key, value in re.findall(r"`(\w+)=([^`]+)`", rows[0])}
+    expected = attention_options(name)
+    assert listed == expected, f"README row of {name!r} lists {listed}, the constructor has {expected}"
 
 
 def test_report_padding_invariance(capsys):
