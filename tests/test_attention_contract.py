@@ -6,7 +6,7 @@ paths run. Padding invariance: a batch with padding is padded again to twice its
 new random content in its padded positions; outputs at valid positions must not move by more than ``TOLERANCE``
 (1e-5 in float32 for every variant; ``python tests/test_attention_contract.py`` prints the measured errors).
 Random draws (Reformer's training-mode rotations) are reseeded before each forward pass so that two passes differ
-only by their padding.
+only by their padding. The README's Attentions table is held to every constructor's options and defaults.
 """
 import ast
 import math
