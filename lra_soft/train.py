@@ -279,7 +279,7 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
         else model
 
     collate = collate_fn(data.collate, train_cfg.pad_to, model_cfg.max_len)
-    per_epoch = len(data.train) // train_cfg.batch_size
+    per_epoch = math.ceil(len(data.train) / world) // (train_cfg.batch_size // world)  # = len(batch_order(...))
     if per_epoch == 0:
         raise ValueError(f"the train split has {len(data.train)} examples, fewer than one batch of "
                          f"{train_cfg.batch_size}; pass a smaller --batch-size")
