@@ -3,5 +3,5 @@ from lra_soft.imagenet.augment import MixupCutmix, smooth_one_hot, soft_target_c
 from lra_soft.imagenet.data import ImageFolder, eval_transform, train_transform
 from lra_soft.imagenet.train import ImageNetConfig, evaluate, evaluate_checkpoint, train
 
-__all__ = ["ImageFolder", "ImageNetConfig", "MixupCutmix", "evaluate", "evaluate_checkpoint", "eval_transform",
+__all__ = ["ImageFolder", "ImageNetConfig", "MixupCutmix", "eval_transform", "evaluate", "evaluate_checkpoint",
            "smooth_one_hot", "soft_target_cross_entropy", "train", "train_transform"]

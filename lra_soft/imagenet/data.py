@@ -106,7 +106,7 @@ class ResizeCenterCrop:
     """Resize the short side to size / crop_pct, then take the central size x size crop."""
 
     def __init__(self, size: int, crop_pct: float = 0.875, interpolation=Image.BICUBIC):
-        self.size, self.resize, self.interpolation = size, int(math.floor(size / crop_pct)), interpolation
+        self.size, self.resize, self.interpolation = size, math.floor(size / crop_pct), interpolation
 
     def __call__(self, img: Image.Image) -> Image.Image:
         w, h = img.size

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from lra_soft import distributed as dist
-from lra_soft.checkpoint import atomic_write_text, capture_rng_state, load_checkpoint, restore_rng_state, \
-    save_checkpoint
+from lra_soft.checkpoint import (atomic_write_text, capture_rng_state, load_checkpoint, restore_rng_state,
+                                 save_checkpoint)
 from lra_soft.imagenet.augment import MixupCutmix, soft_target_cross_entropy
 from lra_soft.imagenet.data import ImageFolder, eval_transform, train_transform
 from lra_soft.vision import SoftVisionTransformer, VisionConfig, build_model

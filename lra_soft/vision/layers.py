@@ -87,7 +87,7 @@ class SoftAttention2d(nn.Module):
 
     def landmarks(self, q: Tensor, hw: tuple[int, int]) -> Tensor:
         """Q~ = f_s(Q): (b, h, n, d) -> (b, h, m, d), sampled on the H x W map of every head."""
-        (b, h, n, d), (H, W) = q.shape, hw
+        (b, h, _, d), (H, W) = q.shape, hw
         if H < self.ratio or W < self.ratio:
             raise ValueError(f"token map {H}x{W} is smaller than the {self.ratio}x{self.ratio} landmark window; "
                              f"use a larger input image (see VisionConfig.min_img_size)")

@@ -70,7 +70,7 @@ class GlobalStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)  # (b, c, H, W)
-        b, c, H, W = x.shape
+        b, _, H, W = x.shape
         pos = torch.cat([self.pos_embed[:, :1], resize_pos_embed(self.pos_embed[:, 1:], self.grid, (H, W))], dim=1)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)  # (b, 1 + H W, c)
         x = self.pos_drop(x + pos)
@@ -82,9 +82,9 @@ class GlobalStage(nn.Module):
 class SoftVisionTransformer(nn.Module):
     """SOFT backbone of Table 2: stem, three SOFT stages, a global stage with class token, linear classifier."""
 
-    def __init__(self, cfg: VisionConfig = VisionConfig()):
+    def __init__(self, cfg: VisionConfig | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg or VisionConfig()  # Tiny by default
         dims, heads, depths = cfg.dims, cfg.heads, cfg.depths
         rates = [cfg.drop_path * i / max(1, sum(depths) - 1) for i in range(sum(depths))]  # linear ramp
         per_stage = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(4)]

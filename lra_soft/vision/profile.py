@@ -65,8 +65,9 @@ def profile(name: str, img_size: tuple[int, int] = (224, 224), **overrides) -> P
 
 def summary_table(names: list[str] | None = None, img_size: tuple[int, int] = (224, 224)) -> str:
     """The params/FLOPs table of ``python cli.py imagenet summary``, beside the paper's Table 3."""
-    rows = [f"{'model':<12} {'params M':>9} {'paper M':>8} {'diff':>6} {'GMACs':>6} {'dense':>6} {'attn':>6} "
-            f"{'newton':>6} {'paper G':>8} {'GFLOPs':>7}  m per SOFT stage"]
+    header = (f"{'model':<12} {'params M':>9} {'paper M':>8} {'diff':>6} {'GMACs':>6} {'dense':>6} {'attn':>6} "
+              f"{'newton':>6} {'paper G':>8} {'GFLOPs':>7}  m per SOFT stage")
+    rows = [header]
     for name in names or list(PRESETS):
         p = profile(name, img_size)
         paper_params, paper_flops, _ = PAPER[name]
