@@ -308,9 +308,11 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
             D.all_reduce_sum(stats)
             if not math.isfinite(stats[0].item()):
                 bar.close()
+                kept = f"the last good checkpoint is {last_path} (step {last_good})" if last_good else \
+                    "no checkpoint was written yet"
                 raise TrainingDiverged(f"loss is {stats[0].item() / stats[2].item()} at step {step + 1}; the run "
-                                       f"stopped. The last good checkpoint is {last_path} (step {last_good}); lower "
-                                       "--lr or check the data, then resume from it or start again")
+                                       f"stopped and {kept}. Lower --lr or check the data, then --resume or start "
+                                       "again")
             if train_cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(ddp.parameters(), train_cfg.grad_clip)
             opt.step()
