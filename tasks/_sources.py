@@ -60,9 +60,12 @@ def _offline_flags(offline: bool):
 
 
 def _hub_help(name: str) -> str:
-    return (f"either run with network access, or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache, "
-            f"or download the parquet files from https://huggingface.co/datasets/{name} (folder plain_text/) and "
-            f"pass that folder as --source")
+    local = (f"download the parquet files from https://huggingface.co/datasets/{name} (folder plain_text/) and pass "
+             f"that folder as --source")
+    if _offline():
+        return f"HF_HUB_OFFLINE is set and the Hugging Face cache holds no copy: unset it to download, or {local}"
+    return (f"either run with network access, or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face "
+            f"cache, or {local}")
 
 
 def check_hub_reachable(name: str, timeout: float = HUB_TIMEOUT_S) -> None:
