@@ -114,3 +114,18 @@ def test_encode_is_bytetextencoder():
     """Byte ids are UTF-8 byte + 1, as tfds' ByteTextEncoder (pitfall 3: length explicit)."""
     assert text.encode("é<br />", 100).tolist() == [0xC3 + 1, 0xA9 + 1, *[b + 1 for b in b"<br />"]]
     assert text.encode(b"abcdef", 3).tolist() == [98, 99, 100]
+
+
+def test_save_to_disk_folder_equals_aclimdb(tmp_path):
+    """A `datasets.DatasetDict.save_to_disk` folder (arrow files) reads to the aclImdb tokens (pitfall 22)."""
+    import datasets
+    aclimdb(tmp_path / "acl")
+    from_acl = tasks.prepare("text", tmp_path / "acl", tmp_path / "c1", progress=False, val="test")
+    rows = {split: [(p.read_text(encoding="utf-8").strip(), label) for p, label in text._acl_files(
+        tmp_path / "acl" / "aclImdb", split)] for split in ("train", "test")}
+    datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": [t for t, _ in r], "label": [y for _, y in r]})
+                          for split, r in rows.items()}).save_to_disk(str(tmp_path / "saved"))
+    from_disk = tasks.prepare("text", tmp_path / "saved", tmp_path / "c2", progress=False, val="test")
+    for split in ("train", "val", "test"):
+        assert tokens(from_disk, split) == tokens(from_acl, split)
+    assert any(s["path"] == "dataset_dict.json" for s in read_manifest(from_disk)["sources"])
