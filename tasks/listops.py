@@ -2,7 +2,7 @@
 
 Official data: ``lra_release/lra_release/listops-1000/basic_{train,val,test}.tsv``, header ``Source<TAB>Target``, CRLF
 line ends. Without a source the standard 96,000 / 2,000 / 2,000 set is generated with a seeded port of the official
-generator (``lra_benchmarks/data/listops.py``; /work/shared/docs/lra-data.md section 3).
+generator (``lra_benchmarks/data/listops.py`` of google-research/long-range-arena).
 
 Tokenisation is the post-fix official one (commit ``c209b2a``, pitfall 2): ``]`` becomes ``X``, parentheses are
 dropped, whitespace splits. The vocabulary is fixed and sorted (pitfall 1: the official ids depend on Python's set
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lra_soft.config import EncoderConfig, TrainConfig
 from tasks._common import (DataError, SplitWriter, TokenDataset, atomic_open, build_cache, check_options,
-                           file_record, find_layout, load_cache, require_nonempty, show_line)
+                           file_record, find_layout, load_cache, next_power_of_two, require_nonempty, show_line)
 
 NAME = "listops"
 TOKENIZER_VERSION = "listops-1"            # bump when tokenisation or the cache layout changes
@@ -238,7 +238,7 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
 
         def build(tmp: Path) -> dict[str, Any]:
             files = write_generated(tmp / "raw", progress=progress, **opts)
-            return _tokenize_files(files, tmp, progress, root=tmp)
+            return _tokenize_files(files, tmp, progress, root=tmp, max_length=opts["max_length"])
 
         return build_cache(cache_dir, identity, build)
     if options:
@@ -252,7 +252,9 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
                        source_files=files.values())
 
 
-def _tokenize_files(files: dict[str, Path], out: Path, progress: bool, root: Path) -> dict[str, Any]:
+def _tokenize_files(files: dict[str, Path], out: Path, progress: bool, root: Path,
+                    max_length: int = GENERATOR_DEFAULTS["max_length"]) -> dict[str, Any]:
+    """Tokenize the three TSVs; ``max_length`` is the generator's strict bound (official files: 2000)."""
     counts, longest = {}, 0
     for split, path in files.items():
         writer = SplitWriter(out, split, vocab_size=len(VOCAB), num_classes=10)
@@ -262,8 +264,9 @@ def _tokenize_files(files: dict[str, Path], out: Path, progress: bool, root: Pat
         longest = max(longest, writer.longest)
     require_nonempty(counts, str(root))
     generated = {split: file_record(p, root) for split, p in files.items()} if root == out else {}
-    return {"counts": counts, "vocab": VOCAB, "vocab_size": len(VOCAB), "num_classes": 10, "max_len": MODEL.max_len,
-            "max_tokens": GENERATOR_DEFAULTS["max_length"], "longest": longest, "pair": False,
+    return {"counts": counts, "vocab": VOCAB, "vocab_size": len(VOCAB), "num_classes": 10,
+            "max_len": next_power_of_two(max(max_length - 1, longest)), "max_tokens": max_length - 1,
+            "longest": longest, "pair": False,
             **({"generated_files": generated} if generated else {})}
 
 

@@ -165,6 +165,7 @@ def test_generated_default_cache_is_reused_and_rebuilt_on_new_options(tmp_path):
     cache = tasks.prepare("listops", None, tmp_path, progress=False, **small)
     manifest = read_manifest(cache)
     assert manifest["counts"] == {"train": 12, "val": 4, "test": 4}
+    assert (manifest["max_tokens"], manifest["max_len"]) == (59, 64) and manifest["longest"] <= 59
     assert manifest["options"]["seed"] == 0 and (cache / "raw" / "basic_train.tsv").is_file()
     assert manifest["generated_files"]["train"]["sha256"]
     stamp = (cache / "manifest.json").stat().st_mtime_ns
