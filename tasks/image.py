@@ -1,7 +1,8 @@
 """Image: grayscale CIFAR-10 classified pixel by pixel, 1,024 tokens a sequence (LRA, Tay et al. 2021).
 
-Split as LRA's ``tfds.load('cifar10')``: train[:90%] / train[90%:] / test (45,000 / 5,000 / 10,000), in source order
-(CIFAR batch files and tfds share it; the hub's order may differ, pitfall 13). Images are flattened row-major.
+Split as LRA's ``tfds.load('cifar10')``: train[:90%] / train[90%:] / test (45,000 / 5,000 / 10,000), slicing each
+source in its own order (pitfall 13: tfds orders the train images differently from the batch files and the hub, so
+the 5,000 validation images are LRA's only with ``tfds:cifar10``). Images are flattened row-major.
 
 Grayscale (pitfall 14), option ``grayscale``:
   ``tf`` (default, LRA): ``tf.image.rgb_to_grayscale`` then ``convert_image_dtype`` back to uint8, i.e. in float32
