@@ -142,6 +142,23 @@ def test_bf16_autocast(name, options):
     assert error < 0.05, f"{name}: bf16 autocast relative error {error:.3f}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_cuda_matches_cpu_and_runs_under_bf16_autocast(name, options):
+    attn = _build(name, options).eval()  # eval: Reformer's rotations come from the buffer, not the device's RNG
+    x, mask = _batch(13)
+    reference = attn(x, mask)
+    attn, x, mask = attn.cuda(), x.cuda(), mask.cuda()
+    out = attn(x, mask)
+    # cuDNN convolutions may run in TF32 (Nystromformer's convolution of V), hence 1e-3
+    assert_close(out.cpu()[mask.cpu()], reference[mask.cpu()], atol=1e-3, rtol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = attn(x, mask)
+    assert torch.isfinite(out).all()
+    (out.float() * mask[..., None]).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in attn.parameters())
+
+
 @pytest.mark.parametrize("name", sorted(ATTENTION))
 def test_unknown_option_fails_listing_the_choices(name):
     with pytest.raises(ValueError) as info:
