@@ -55,6 +55,19 @@ class FeedForward(nn.Sequential):
                          nn.Dropout(dropout))
 
 
+class HeadConv2d(nn.Conv2d):
+    """k x k depthwise convolution with one filter per head, shared by that head's d channels (the authors' conv of
+    V). Weights (h, 1, k, k) as a grouped Conv2d(h, h); applied to (b, h d, H, W) with each filter repeated d times,
+    which CPU and GPU convolution kernels run faster than the equivalent (b d, h, H, W) layout."""
+
+    def __init__(self, heads: int, kernel_size: int):
+        super().__init__(heads, heads, kernel_size, padding=kernel_size // 2, groups=heads, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (b, h d, H, W)
+        d = x.shape[1] // self.in_channels
+        return F.conv2d(x, self.weight.repeat_interleave(d, dim=0), padding=self.padding, groups=x.shape[1])
+
+
 class SoftAttention2d(nn.Module):
     """SOFT attention with bottleneck tokens sampled from Q's H x W map (Sections 3.2-3.3).
 
@@ -82,7 +95,7 @@ class SoftAttention2d(nn.Module):
         else:
             raise ValueError(f"landmarks must be 'conv' or 'avgpool', got {landmarks!r}")
         self.landmark_norm = nn.Sequential(nn.LayerNorm(d), nn.GELU()) if landmark_norm else nn.Identity()
-        self.v_conv = nn.Conv2d(heads, heads, v_conv, padding=v_conv // 2, groups=heads, bias=False) if v_conv else None
+        self.v_conv = HeadConv2d(heads, v_conv) if v_conv else None
         self.drop = nn.Dropout(dropout)
 
     def landmarks(self, q: Tensor, hw: tuple[int, int]) -> Tensor:
@@ -104,8 +117,8 @@ class SoftAttention2d(nn.Module):
         out = soft_attention(q, v, landmarks=self.landmarks(q, hw), **self.soft_options)  # (b, h, n, d)
         if self.v_conv is not None:
             d = v.shape[-1]
-            v_map = v.permute(0, 3, 1, 2).reshape(b * d, self.heads, H, W)  # (b d, h, H, W)
-            out = out + self.v_conv(v_map).reshape(b, d, self.heads, n).permute(0, 2, 3, 1)  # (b, h, n, d)
+            v_map = v.transpose(-1, -2).reshape(b, self.heads * d, H, W)  # (b, h d, H, W)
+            out = out + self.v_conv(v_map).reshape(b, self.heads, d, n).transpose(-1, -2)  # (b, h, n, d)
         return self.drop(self.ff(merge_heads(out)))
 
 
