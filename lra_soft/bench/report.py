@@ -29,6 +29,7 @@ ATTENTION_COLUMNS = [
     ("fwdbwd_gflops_per_s", "GFLOP/s", "{:.1f}"), ("newton_floor_ms", "Newton floor ms", "{:.2f}"),
     ("fwdbwd_x_newton_floor", "x floor", "{:.2f}"), ("graph_breaks", "graph breaks", "{}"),
 ]
+MARKERS = "osD^vPX*"
 MODEL_COLUMNS = [
     ("model", "model", "{}"), ("attention", "attention", "{}"), ("n", "n", "{}"), ("batch", "batch", "{}"),
     ("step_ms", "step ms", "{:.1f}"), ("step_spread", "step q1-q3", "{}"), ("items_per_s", "items/s", "{:.1f}"),
@@ -144,14 +145,16 @@ def plot(result: dict[str, Any], path: Path, title: str | None = None) -> None:
     groups = dict.fromkeys((r.get("model", ""), r["attention"], r.get("compiled", False)) for r in result["rows"])
     for ax, (key, label) in zip(axes, panels):
         guide = None
-        for model_name, attn, compiled in groups:
+        for i, (model_name, attn, compiled) in enumerate(groups):
             pts = sorted((r["n"], r[key]) for r in result["rows"] if r["attention"] == attn and
                          r.get("compiled", False) == compiled and r.get("model", "") == model_name and
                          r.get(key) is not None)
             if not pts:
                 continue
             name = f"{model_name} {attn}".strip() + (" (compiled)" if compiled else "")
-            ax.plot(*zip(*pts), "--o" if compiled else "-o", label=name, markersize=4)
+            # Distinct markers and widths keep lines that coincide (equal memory, say) visible.
+            ax.plot(*zip(*pts), "--" if compiled else "-", marker=MARKERS[i % len(MARKERS)], label=name,
+                    markersize=6 - 3 * i / max(len(groups), 1), linewidth=2.6 - 1.6 * i / max(len(groups), 1))
             guide = guide or pts[0]
         if guide is not None:
             ns = sorted({r["n"] for r in result["rows"]})
