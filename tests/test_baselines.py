@@ -116,11 +116,14 @@ def test_performer_padding_is_excluded_and_stabiliser_is_exact():
     w = orthogonal_features(64, d, dtype=torch.float64)
     mask = _lengths_mask([7], n)
     out = favor_attention(q, k, v, w, mask)[:, :, :7]
-    # huge padded keys would dominate an unmasked stabiliser and underflow every valid feature
-    k_bad = k.clone()
-    k_bad[:, :, 7:] = 1e3
-    assert_close(favor_attention(q, k_bad, v, w, mask)[:, :, :7], out)
     assert_close(favor_attention(q[:, :, :7], k[:, :, :7], v[:, :, :7], w), out)
+    # long valid keys have exponents near -200; a stabiliser that also saw the (zero) padded keys, exponent 0, would
+    # underflow every valid key feature in float32
+    k_long = 30 * k.float() / k.float().norm(dim=-1, keepdim=True)
+    k_long[:, :, 7:] = 0.0
+    out_long = favor_attention(q.float(), k_long, v.float(), w.float(), mask)[:, :, :7]
+    assert out_long.abs().max() > 0.1
+    assert_close(out_long, favor_attention(q.float()[:, :, :7], k_long[:, :, :7], v.float()[:, :, :7], w.float()))
     # a plain, unstabilised FAVOR+ on the same features
     scale = d ** -0.25
 
