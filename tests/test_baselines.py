@@ -225,6 +225,16 @@ def test_nystrom_matches_the_papers_formulas_where_they_apply():
         assert_close(got, want)
 
 
+def test_nystrom_empty_landmarks_drop_out_exactly():
+    """Valid length L < m leaves m - L segments empty: the result (6 iterations) is that of m = L without padding."""
+    b, h, n, d, L = 2, 2, 12, 8, 5
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    mask = _lengths_mask([L, L], n)
+    out = nystrom_attention(q, k, v, mask, num_landmarks=8)[:, :, :L]
+    alone = nystrom_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], num_landmarks=L)
+    assert_close(out, alone)
+
+
 def test_nystrom_iterative_inverse_converges_with_iterations():
     b, h, n, d, m = 2, 2, 64, 16, 16
     q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
