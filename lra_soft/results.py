@@ -3,7 +3,7 @@
 Table 6 reports test accuracy (%) of the 2-layer LRA protocol of Nystromformer's PyTorch harness on four tasks
 (Pathfinder omitted: "we cannot replicate the result of Nyströmformer"). A run directory is any directory holding
 ``results.json`` (and ``config.json``) written by ``lra_soft.train.fit``; several runs of one (task, attention), e.g.
-seeds, are averaged and counted.
+seeds, are averaged and counted; runs with other attention options (``-o``) get their own row.
 """
 from __future__ import annotations
 
@@ -45,14 +45,16 @@ def find_runs(root: str | Path) -> list[dict[str, Any]]:
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (attention, task): mean test accuracy (%) over runs, run count, paper figure and difference."""
-    groups: dict[tuple[str, str], list[float]] = {}
+    groups: dict[tuple[str, str, str], list[float]] = {}
     for r in runs:
-        groups.setdefault((r["attention"], r["task"]), []).append(100.0 * r["test_acc"])
+        options = ",".join(f"{k}={v}" for k, v in sorted((r.get("attention_options") or {}).items()))
+        label = f"{r['attention']} ({options})" if options else r["attention"]  # other options = another row
+        groups.setdefault((label, r["task"], r["attention"]), []).append(100.0 * r["test_acc"])
     rows = []
-    for (attention, task), accs in sorted(groups.items()):
+    for (label, task, attention), accs in sorted(groups.items()):
         paper = PAPER_TABLE6.get(attention, {}).get(task)
         ours = sum(accs) / len(accs)
-        rows.append({"attention": attention, "task": task, "test_acc": ours, "runs": len(accs), "paper": paper,
+        rows.append({"attention": label, "task": task, "test_acc": ours, "runs": len(accs), "paper": paper,
                      "diff": None if paper is None else ours - paper})
     return rows
 
@@ -63,7 +65,7 @@ def averages(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for attention in sorted({r["attention"] for r in rows}):
         accs = {r["task"]: r["test_acc"] for r in rows if r["attention"] == attention and r["task"] in TABLE6_TASKS}
         ours = sum(accs.values()) / 4 if len(accs) == 4 else None
-        paper = PAPER_AVERAGE.get(attention)
+        paper = PAPER_AVERAGE.get(attention.split(" (")[0])
         out[attention] = {"test_acc": ours, "tasks": len(accs), "paper": paper,
                           "diff": None if ours is None or paper is None else ours - paper}
     return out

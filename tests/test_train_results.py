@@ -21,6 +21,9 @@ def test_table6_figures_average_and_diff(tmp_path):
         _run(tmp_path, f"{task}-soft", task, "soft", acc)
     _run(tmp_path, "listops-softmax-s0", "listops", "softmax", 0.30)
     _run(tmp_path, "listops-softmax-s1", "listops", "softmax", 0.40)
+    (tmp_path / "m64").mkdir()
+    (tmp_path / "m64" / "results.json").write_text(json.dumps({"task": "listops", "attention": "soft", "test_acc": 0.2,
+                                                               "attention_options": {"num_landmarks": 64}}))
     rows = R.summarize(R.find_runs(tmp_path))
     softmax = next(r for r in rows if r["attention"] == "softmax")
     assert softmax["runs"] == 2 and softmax["test_acc"] == pytest.approx(35.0)
@@ -31,6 +34,8 @@ def test_table6_figures_average_and_diff(tmp_path):
     assert avg["softmax"]["test_acc"] is None and avg["softmax"]["tasks"] == 1  # no average from one task
     for attention, figures in R.PAPER_TABLE6.items():  # the printed averages are the means of the printed figures
         assert sum(figures.values()) / 4 == pytest.approx(R.PAPER_AVERAGE[attention], abs=0.006)
+    m64 = next(r for r in rows if r["attention"] == "soft (num_landmarks=64)")
+    assert m64["runs"] == 1 and m64["paper"] == 37.40 and m64["diff"] == pytest.approx(20.0 - 37.40)
     table = R.markdown(rows)
     assert "| soft | 38.00 (paper 37.40, +0.60)" in table and "35.00 (paper 37.10, -2.10) n=2" in table
     assert R.to_csv(rows).splitlines()[0] == "attention,task,test_acc,runs,paper,diff"
