@@ -212,6 +212,8 @@ def _segment_means(q: Tensor, mask: Tensor | None, window: int, num_landmarks: i
     each sequence's own valid tokens. Returns landmarks (b, h, m, d) and their validity (b, m)."""
     b, h, n, d = q.shape
     valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
+    if num_landmarks is not None and mask is None and n % num_landmarks == 0:
+        window, num_landmarks = n // num_landmarks, None  # equal contiguous segments: the same as pooling
     if num_landmarks is None:
         m = math.ceil(n / window)
         q = F.pad(zero_padding(q, mask), (0, 0, 0, m * window - n))
@@ -274,7 +276,9 @@ def _kernel_backward(G: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of sum(G * K) w.r.t. x (..., m, d) and y (..., n, d) given G = dL/dK * K (..., m, n)."""
     gx = G @ torch.cat([y, torch.ones_like(y[..., :1])], dim=-1)  # (..., m, d + 1): [G y, rowsum G]
     gy = G.transpose(-1, -2) @ torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # [G^T x, colsum G]
-    return gx[..., :-1] - gx[..., -1:] * x, gy[..., :-1] - gy[..., -1:] * y
+    grad_x = torch.addcmul(gx[..., :-1], gx[..., -1:], x, value=-1)
+    grad_y = torch.addcmul(gy[..., :-1], gy[..., -1:], y, value=-1)
+    return grad_x, grad_y
 
 
 class _SoftProduct(torch.autograd.Function):
