@@ -237,3 +237,22 @@ def test_inference_product_form_equals_algorithm_2(dtype, tol):
         fast = soft_attention(q, v)
     algorithm_2 = soft_attention(q.requires_grad_(), v).detach()
     assert ((fast - algorithm_2).abs().max() / algorithm_2.abs().max()).item() < tol
+
+
+@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6)])
+def test_blocked_kernel_equals_one_block(options, monkeypatch):
+    """The CPU blocking over tokens (cache-sized blocks of P) changes nothing: outputs and gradients."""
+    import lra_soft.attention.soft as soft
+
+    q = torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True)
+    mask = torch.arange(50) < torch.tensor([[50], [31]])
+    g = torch.randn(2, 2, 50, 8, dtype=torch.float64)
+    results = []
+    for elements, minimum in [(1 << 20, 256), (64, 7)]:  # one block; blocks of 7 tokens (the last one shorter)
+        monkeypatch.setattr(soft, "CHUNK_ELEMENTS", elements)
+        monkeypatch.setattr(soft, "MIN_CHUNK", minimum)
+        out = soft_attention(q, v, mask, iters=30, **options)
+        results.append((out, *torch.autograd.grad((out * g).sum(), (q, v))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

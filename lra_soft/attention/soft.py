@@ -43,6 +43,7 @@ SAMPLING = ("avgpool", "conv", "random", "first")
 INVERSE = ("newton", "solve", "pinv")
 NEWTON_INIT = ("paper", "spectral")
 NEWTON_GRAD = ("analytic", "unrolled")
+CHUNK_ELEMENTS, MIN_CHUNK = 1 << 20, 256  # CPU blocking of the m x n kernel work (see _chunks)
 
 
 # --- the Gaussian kernel exp(-||x - y||^2 / 2) on pre-scaled vectors (eqs. 5, 8) --------------------------------------
@@ -281,21 +282,36 @@ def _kernel_backward(G: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     return grad_x, grad_y
 
 
+def _chunks(n: int, rows: int, device: torch.device) -> list[tuple[int, int]]:
+    """Token ranges for the m x n work: on CPU, blocks of about 2^20 kernel entries (4 MB), so that each block of P is
+    built, exponentiated, used and (in backward) multiplied while it is still in cache; one block on GPUs."""
+    size = n if device.type != "cpu" else max(MIN_CHUNK, CHUNK_ELEMENTS // max(rows, 1))
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
 class _SoftProduct(torch.autograd.Function):
     """out = P^T (A^+ ((P V) * keep)) with P = exp(-||L - q||^2 / 2) (m x n), A = exp(-||L - L||^2 / 2) (m x m).
 
-    One pass builds P (one product, clamp, exp in place); the backward touches each m x n matrix the fewest times
-    (one product for both gradients of P, one in-place multiply) and never forms the gradient of the m x m inverse.
-    A^+ is applied by Newton iterations (analytic inverse gradient) or a ridge Cholesky solve.
+    P is built block by block over the tokens (one product, clamp, exp in place) and used while in cache; the
+    backward touches each block of P twice (once for grad_Y, once for everything else: one product for both
+    gradients of P, one in-place multiply) and never forms the gradient of the m x m inverse. A^+ is applied by
+    Newton iterations (analytic inverse gradient) or a ridge Cholesky solve.
     """
 
     @staticmethod
     def forward(ctx, landmarks, q, v, keep, inverse, iters, init, ridge):
-        P = (_augment(landmarks, "left") @ _augment(q, "right").transpose(-1, -2)).clamp_(max=0.0).exp_()  # (b,h,m,n)
+        b, h, m, _ = landmarks.shape
+        chunks = _chunks(q.shape[-2], b * h * m, q.device)
+        L_aug = _augment(landmarks, "left")  # (b, h, m, d + 2)
+        Ps, W = [], None
+        for s, e in chunks:
+            P = (L_aug @ _augment(q[..., s:e, :], "right").transpose(-1, -2)).clamp_(max=0.0).exp_()  # (b, h, m, c)
+            W = P @ v[..., s:e, :] if W is None else W.add_(P @ v[..., s:e, :])  # (b, h, m, d)
+            Ps.append(P)
+        W = W * keep  # (b, h, m, d)
         pair = keep & keep.transpose(-1, -2)  # (b, 1, m, m): both landmarks exist
         A = gaussian_kernel_matrix_scaled(landmarks)
         A = torch.where(pair, A, _eye_like(A))  # empty landmarks: identity rows/columns (see soft_attention)
-        W = (P @ v) * keep  # (b, h, m, d)
         if inverse == "newton" and not any(ctx.needs_input_grad[:3]):
             factor, Y = None, _newton_apply(A, W, iters, init, nonnegative=True)  # inference: half the products
         elif inverse == "newton":
@@ -304,26 +320,34 @@ class _SoftProduct(torch.autograd.Function):
         else:
             factor = _ridge_cholesky(A, ridge)
             Y = torch.cholesky_solve(W, factor)
-        out = P.transpose(-1, -2) @ Y  # (b, h, n, d)
-        ctx.inverse = inverse
-        ctx.save_for_backward(landmarks, q, v, keep, pair, P, A, factor, Y)
+        out = torch.cat([P.transpose(-1, -2) @ Y for P in Ps], dim=-2)  # (b, h, n, d)
+        ctx.inverse, ctx.chunks = inverse, chunks
+        ctx.save_for_backward(landmarks, q, v, keep, pair, A, factor, Y, *Ps)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        landmarks, q, v, keep, pair, P, A, factor, Y = ctx.saved_tensors
+        landmarks, q, v, keep, pair, A, factor, Y, *Ps = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_Y = P @ grad_out  # (b, h, m, d)
+        grad_Y = sum(P @ grad_out[..., s:e, :] for P, (s, e) in zip(Ps, ctx.chunks))  # (b, h, m, d)
         if ctx.inverse == "newton":
             grad_W = factor.transpose(-1, -2) @ grad_Y
         else:
             grad_W = torch.cholesky_solve(grad_Y, factor)
         grad_A = -grad_W @ Y.transpose(-1, -2)  # -A^-T G (A^-1 W)^T, the analytic inverse gradient
         grad_W = grad_W * keep
-        grad_v = P.transpose(-1, -2) @ grad_W  # (b, h, n, d)
-        # dL/dP = Y grad_out^T + grad_W v^T as one product; then times P for the exponential
-        G = (torch.cat([Y, grad_W], -1) @ torch.cat([grad_out, v], -1).transpose(-1, -2)).mul_(P)  # (b, h, m, n)
-        grad_L, grad_q = _kernel_backward(G, landmarks, q)
+        Y_gW = torch.cat([Y, grad_W], -1)  # (b, h, m, 2d)
+        L_one = torch.cat([landmarks, torch.ones_like(landmarks[..., :1])], dim=-1)  # (b, h, m, d + 1)
+        grad_q, grad_v, acc = torch.empty_like(q), torch.empty_like(v), 0
+        for P, (s, e) in zip(Ps, ctx.chunks):
+            q_c = q[..., s:e, :]
+            grad_v[..., s:e, :] = P.transpose(-1, -2) @ grad_W
+            # dL/dP = Y grad_out^T + grad_W v^T as one product; then times P for the exponential
+            G = (Y_gW @ torch.cat([grad_out[..., s:e, :], v[..., s:e, :]], -1).transpose(-1, -2)).mul_(P)
+            acc = acc + G @ torch.cat([q_c, torch.ones_like(q_c[..., :1])], dim=-1)  # (b, h, m, d + 1)
+            gy = G.transpose(-1, -2) @ L_one  # (b, h, c, d + 1): [G^T L, colsum G]
+            grad_q[..., s:e, :] = torch.addcmul(gy[..., :-1], gy[..., -1:], q_c, value=-1)
+        grad_L = torch.addcmul(acc[..., :-1], acc[..., -1:], landmarks, value=-1)
         G_A = grad_A * A * pair  # identity entries of empty landmarks carry no gradient
         gl_a, gl_b = _kernel_backward(G_A, landmarks, landmarks)
         return grad_L + gl_a + gl_b, grad_q, grad_v, None, None, None, None, None
