@@ -83,7 +83,7 @@ def test_padding_mask_lengths():
 
 
 def test_attention_bench_library_tiny():
-    specs = parse_specs(["soft", "softmax", "soft:num_landmarks=8"])
+    specs = parse_specs(["soft", "softmax", "soft:num_landmarks=8"], ["iters=3"])  # few Newton steps: fast
     cfg = AttentionBenchConfig(lengths=(32, 64), batch=1, heads=2, head_dim=8, warmup=0, repeats=2, matmul_size=64,
                                mask=True)
     result = run_attention_bench(specs, cfg)
@@ -103,10 +103,10 @@ def test_attention_bench_library_tiny():
 
 
 def test_cli_bench_writes_table_json_csv_png(tmp_path):
-    res = CliRunner().invoke(app, ["bench", "--attn", "soft", "--attn", "softmax", "--out", str(tmp_path),
+    res = CliRunner().invoke(app, ["bench", "--attn", "soft:iters=3", "--attn", "softmax", "--out", str(tmp_path),
                                    "--name", "tiny", *TINY])
     assert res.exit_code == 0, res.output
-    assert "| soft |" in res.output and "fwd+bwd MiB" in res.output
+    assert "| soft:iters=3 |" in res.output and "fwd+bwd MiB" in res.output
     data = json.loads((tmp_path / "tiny.json").read_text())
     assert data["mode"] == "attention" and len(data["rows"]) == 4 and data["command"].startswith("python cli.py bench")
     assert data["environment"]["torch"] == torch.__version__
@@ -142,19 +142,20 @@ def test_cli_bench_compiled_rows(tmp_path):
 
 def test_model_bench_lra_tiny():
     cfg = ModelBenchConfig(model="lra", lengths=(32, 64), batch=2, dim=16, depth=1, heads=2, mlp_dim=32, repeats=1)
-    result = run_model_bench(parse_specs(["soft:num_landmarks=8", "softmax"]), cfg)
+    result = run_model_bench(parse_specs(["soft:num_landmarks=8,iters=3", "softmax"]), cfg)
     rows = {(r["attention"], r["n"]): r for r in result["rows"]}
     for (label, n), r in rows.items():
         assert r["unit"] == "tokens/s" and r["items_per_s"] > 0 and r["step_mem_mb"] > 0 and r["infer_mem_mb"] > 0
         assert r["items_per_s"] == pytest.approx(2 * n / (r["step_ms"] / 1e3))
-    assert rows[("soft:num_landmarks=8", 64)]["step_mem_mb"] > rows[("soft:num_landmarks=8", 32)]["step_mem_mb"]
+    soft = "soft:num_landmarks=8,iters=3"
+    assert rows[(soft, 64)]["step_mem_mb"] > rows[(soft, 32)]["step_mem_mb"]
     assert rows[("softmax", 32)]["items_per_s_x_softmax"] == 1.0
 
 
 def test_cli_bench_model_lra_and_fig1b_protocol(tmp_path):
     assert FIG1B.lengths == tuple(784 * p for p in range(1, 9))
     assert (FIG1B.batch, FIG1B.depth, FIG1B.dim, FIG1B.heads) == (1, 12, 384, 12)
-    res = CliRunner().invoke(app, ["bench", "--preset", "fig1b", "--attn", "soft:num_landmarks=49", "--lengths", "64",
+    res = CliRunner().invoke(app, ["bench", "--preset", "fig1b", "--attn", "soft:num_landmarks=49,iters=3", "--lengths", "64",
                                    "--depth", "1", "--heads", "2", "--out", str(tmp_path), "--no-progress",
                                    "--repeats", "1", "--warmup", "1"])
     assert res.exit_code == 0, res.output
@@ -165,7 +166,7 @@ def test_cli_bench_model_lra_and_fig1b_protocol(tmp_path):
 
 def test_model_bench_imagenet_tiny():
     vision = pytest.importorskip("lra_soft.vision")
-    small = dict(dims=(32, 32, 32, 32), heads=(1, 1, 1, 1), depths=(1, 1, 1, 1))  # soft_tiny's layout, thinner
+X
     size = vision.preset("soft_tiny").min_img_size
     cfg = ModelBenchConfig(model="imagenet", lengths=(size,), batch=2, variants=("soft_tiny",), repeats=1,
                            vision_options=small)
