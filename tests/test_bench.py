@@ -166,7 +166,7 @@ def test_cli_bench_model_lra_and_fig1b_protocol(tmp_path):
 
 def test_model_bench_imagenet_tiny():
     vision = pytest.importorskip("lra_soft.vision")
-X
+    small = dict(dims=(32, 32, 32, 32), heads=(1, 1, 1, 1), depths=(1, 1, 1, 1), iters=3)  # soft_tiny, thinner
     size = vision.preset("soft_tiny").min_img_size
     cfg = ModelBenchConfig(model="imagenet", lengths=(size,), batch=2, variants=("soft_tiny",), repeats=1,
                            vision_options=small)
