@@ -48,29 +48,40 @@ CHUNK_ELEMENTS, MIN_CHUNK = 1 << 20, 256  # CPU blocking of the m x n kernel wor
 
 # --- the Gaussian kernel exp(-||x - y||^2 / 2) on pre-scaled vectors (eqs. 5, 8) --------------------------------------
 
+def _augment(x: Tensor, last: str) -> Tensor:
+    """[x, -|x|^2/2, 1] ("left") or [x, 1, -|x|^2/2] ("right"): their product is x.y - |x|^2/2 - |y|^2/2."""
+    half = -0.5 * (x * x).sum(-1, keepdim=True)
+    ones = torch.ones_like(half)
+    return torch.cat([x, half, ones] if last == "left" else [x, ones, half], dim=-1)
+
+
+def _kernel_backward(G: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of sum(G * K) w.r.t. x (..., m, d) and y (..., n, d) given G = dL/dK * K (..., m, n)."""
+    gx = G @ torch.cat([y, torch.ones_like(y[..., :1])], dim=-1)  # (..., m, d + 1): [G y, rowsum G]
+    gy = G.transpose(-1, -2) @ torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # [G^T x, colsum G]
+    grad_x = torch.addcmul(gx[..., :-1], gx[..., -1:], x, value=-1)
+    grad_y = torch.addcmul(gy[..., :-1], gy[..., -1:], y, value=-1)
+    return grad_x, grad_y
+
+
+def _kernel(x: Tensor, y: Tensor) -> Tensor:
+    """exp(min(0, x.y - |x|^2/2 - |y|^2/2)) (..., m, n): one product of augmented vectors, one in-place exponential."""
+    return (_augment(x, "left") @ _augment(y, "right").transpose(-1, -2)).clamp_(max=0.0).exp_()
+
+
 class _GaussianKernel(torch.autograd.Function):
-    """K = exp(min(0, x.y - |x|^2/2 - |y|^2/2)) for x (..., m, d), y (..., n, d): one product, one exponential."""
+    """K = exp(-||x - y||^2 / 2) for x (..., m, d), y (..., n, d), keeping only K, x and y for backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
-        half_x, half_y = 0.5 * (x * x).sum(-1, keepdim=True), 0.5 * (y * y).sum(-1, keepdim=True)
-        ones_x, ones_y = torch.ones_like(half_x), torch.ones_like(half_y)
-        x_aug = torch.cat([x, -half_x, ones_x], dim=-1)  # (..., m, d + 2)
-        y_aug = torch.cat([y, ones_y, -half_y], dim=-1)  # (..., n, d + 2)
-        kernel = (x_aug @ y_aug.transpose(-1, -2)).clamp_(max=0.0).exp_()  # (..., m, n) = -||x - y||^2 / 2
+        kernel = _kernel(x, y)
         ctx.save_for_backward(x, y, kernel)
         return kernel
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, y, kernel = ctx.saved_tensors
-        g = grad * kernel  # d/d(logit); logit = x.y - |x|^2/2 - |y|^2/2, so d logit/dx = y - x
-        ones_x, ones_y = x.new_ones(*x.shape[:-1], 1), y.new_ones(*y.shape[:-1], 1)
-        gy_aug = g @ torch.cat([y, ones_y], dim=-1)                    # (..., m, d + 1): [g y, rowsum g]
-        gx_aug = g.transpose(-1, -2) @ torch.cat([x, ones_x], dim=-1)  # (..., n, d + 1): [g^T x, colsum g]
-        grad_x = gy_aug[..., :-1] - gy_aug[..., -1:] * x
-        grad_y = gx_aug[..., :-1] - gx_aug[..., -1:] * y
-        return grad_x, grad_y
+        return _kernel_backward(grad * kernel, x, y)  # d/d(logit) of the exponential is K
 
 
 def gaussian_kernel(x: Tensor, y: Tensor) -> Tensor:
@@ -96,7 +107,6 @@ def newton_alpha(A: Tensor, init: str = "paper", nonnegative: bool | None = None
     """
     if init not in NEWTON_INIT:
         raise ValueError(f"unknown newton_init {init!r}; choose from {list(NEWTON_INIT)}")
-    norm1 = A.abs().sum(-2).amax(-1)[..., None, None]  # (..., 1, 1) max column abs-sum
     if init == "spectral":
         u = torch.ones_like(A[..., :1])  # (..., m, 1): the Perron vector of a positive matrix is positive
         for _ in range(12):
@@ -104,6 +114,7 @@ def newton_alpha(A: Tensor, init: str = "paper", nonnegative: bool | None = None
             u = u / u.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
         lam = (u * (A @ u)).sum(-2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)  # Rayleigh quotient
         return 1.0 / (1.1 * lam) ** 2, None
+    norm1 = A.abs().sum(-2).amax(-1)[..., None, None]  # (..., 1, 1) max column abs-sum
     A2 = A @ A
     # lambda_max <= ||A||_1 with equality for constant row sums (every 2 x 2 kernel matrix, identical landmarks);
     # there alpha = 2 / ||A||_1^2 puts alpha lambda_max^2 exactly at 2, where the iteration stalls or diverges. The
@@ -266,22 +277,6 @@ def sample_landmarks(q: Tensor, mask: Tensor | None = None, *, sampling: str = "
 
 # --- the Nystrom product P^T (A^+ (P V)) with a hand-written backward -------------------------------------------------
 
-def _augment(x: Tensor, last: str) -> Tensor:
-    """[x, -|x|^2/2, 1] ("left") or [x, 1, -|x|^2/2] ("right"): their product is x.y - |x|^2/2 - |y|^2/2."""
-    half = -0.5 * (x * x).sum(-1, keepdim=True)
-    ones = torch.ones_like(half)
-    return torch.cat([x, half, ones] if last == "left" else [x, ones, half], dim=-1)
-
-
-def _kernel_backward(G: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of sum(G * K) w.r.t. x (..., m, d) and y (..., n, d) given G = dL/dK * K (..., m, n)."""
-    gx = G @ torch.cat([y, torch.ones_like(y[..., :1])], dim=-1)  # (..., m, d + 1): [G y, rowsum G]
-    gy = G.transpose(-1, -2) @ torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # [G^T x, colsum G]
-    grad_x = torch.addcmul(gx[..., :-1], gx[..., -1:], x, value=-1)
-    grad_y = torch.addcmul(gy[..., :-1], gy[..., -1:], y, value=-1)
-    return grad_x, grad_y
-
-
 def _chunks(n: int, rows: int, device: torch.device) -> list[tuple[int, int]]:
     """Token ranges for the m x n work: on CPU, blocks of about 2^20 kernel entries (4 MB), so that each block of P is
     built, exponentiated, used and (in backward) multiplied while it is still in cache; one block on GPUs."""
@@ -310,7 +305,7 @@ class _SoftProduct(torch.autograd.Function):
             Ps.append(P)
         W = W * keep  # (b, h, m, d)
         pair = keep & keep.transpose(-1, -2)  # (b, 1, m, m): both landmarks exist
-        A = gaussian_kernel_matrix_scaled(landmarks)
+        A = _kernel(landmarks, landmarks)
         A = torch.where(pair, A, _eye_like(A))  # empty landmarks: identity rows/columns (see soft_attention)
         if inverse == "newton" and not any(ctx.needs_input_grad[:3]):
             factor, Y = None, _newton_apply(A, W, iters, init, nonnegative=True)  # inference: half the products
@@ -351,11 +346,6 @@ class _SoftProduct(torch.autograd.Function):
         G_A = grad_A * A * pair  # identity entries of empty landmarks carry no gradient
         gl_a, gl_b = _kernel_backward(G_A, landmarks, landmarks)
         return grad_L + gl_a + gl_b, grad_q, grad_v, None, None, None, None, None
-
-
-def gaussian_kernel_matrix_scaled(x: Tensor) -> Tensor:
-    """exp(-||x_i - x_j||^2 / 2) (..., m, m) for pre-scaled x, without autograd (used inside _SoftProduct)."""
-    return (_augment(x, "left") @ _augment(x, "right").transpose(-1, -2)).clamp_(max=0.0).exp_()
 
 
 # --- SOFT (Algorithm 1, eq. 9) ----------------------------------------------------------------------------------------
