@@ -256,3 +256,23 @@ def test_blocked_kernel_equals_one_block(options, monkeypatch):
         results.append((out, *torch.autograd.grad((out * g).sum(), (q, v))))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6)])
+def test_head_split_layout_is_kept_and_changes_nothing(options):
+    """q, v as head-split views of (b, n, h, d) memory give the same outputs and gradients as contiguous copies, and
+    the output and gradients keep that memory layout (so merging the heads back costs no copy)."""
+    x = torch.randn(2, 40, 2, 8, dtype=torch.float64)  # (b, n, h, d)
+    mask = torch.arange(40) < torch.tensor([[40], [23]])
+    g = torch.randn(2, 2, 40, 8, dtype=torch.float64)
+    results = []
+    for split in (True, False):
+        q = x.clone().requires_grad_()
+        v = (2 * x).clone().requires_grad_()
+        qh, vh = q.transpose(1, 2), v.transpose(1, 2)  # (b, h, n, d) views
+        out = soft_attention(qh if split else qh.contiguous(), vh if split else vh.contiguous(), mask, **options)
+        results.append((out, *torch.autograd.grad((out * g).sum(), (q, v))))
+        if split:
+            assert out.transpose(1, 2).is_contiguous()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lra_soft.attention import _linalg
 from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
 
 SAMPLING = ("avgpool", "conv", "random", "first")
@@ -48,9 +49,14 @@ CHUNK_ELEMENTS, MIN_CHUNK = 1 << 20, 256  # CPU blocking of the m x n kernel wor
 
 # --- the Gaussian kernel exp(-||x - y||^2 / 2) on pre-scaled vectors (eqs. 5, 8) --------------------------------------
 
-def _augment(x: Tensor, last: str) -> Tensor:
-    """[x, -|x|^2/2, 1] ("left") or [x, 1, -|x|^2/2] ("right"): their product is x.y - |x|^2/2 - |y|^2/2."""
+def _augment(x: Tensor, last: str, empty: Tensor | None = None) -> Tensor:
+    """[x, -|x|^2/2, 1] ("left") or [x, 1, -|x|^2/2] ("right"): their product is x.y - |x|^2/2 - |y|^2/2.
+
+    Rows where `empty` (broadcastable to (..., rows, 1)) is True get a hugely negative -|x|^2/2, so that their kernel
+    entries exp(min(0, .)) underflow to exactly 0 without a separate masking pass over the product."""
     half = -0.5 * (x * x).sum(-1, keepdim=True)
+    if empty is not None:
+        half = half.masked_fill(empty, torch.finfo(x.dtype).min / 4)  # twice this is still finite: no inf, no NaN
     ones = torch.ones_like(half)
     return torch.cat([x, half, ones] if last == "left" else [x, ones, half], dim=-1)
 
@@ -199,7 +205,7 @@ def newton_inverse_unrolled(A: Tensor, iters: int = 20, init: str = "paper") -> 
 
 
 def _ridge_cholesky(A: Tensor, ridge: float) -> Tensor:
-    """Cholesky factor of the PSD matrix A + ridge I; float32 rounding can make a near-singular A slightly
+    """Cholesky factor of the PSD matrix A + ridge I, by torch (the reference path); float32 rounding can make a near-singular A slightly
     indefinite, so the ridge grows 100-fold (at most three times) for the factorisations that fail."""
     eye = _eye_like(A)
     if torch.compiler.is_compiling():  # no data-dependent retry inside a compiled graph; a failure shows up as NaN
@@ -284,68 +290,120 @@ def _chunks(n: int, rows: int, device: torch.device) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-class _SoftProduct(torch.autograd.Function):
-    """out = P^T (A^+ ((P V) * keep)) with P = exp(-||L - q||^2 / 2) (m x n), A = exp(-||L - L||^2 / 2) (m x m).
+def _padding_zeroed(block: Tensor, mask: Tensor | None, s: int, e: int) -> Tensor:
+    """block (b, h, e - s, d) holding tokens s:e, with the padded ones zeroed in place."""
+    return block if mask is None else block.masked_fill_(~mask[:, None, s:e, None], 0.0)
 
-    P is built block by block over the tokens (one product, clamp, exp in place) and used while in cache; the
-    backward touches each block of P twice (once for grad_Y, once for everything else: one product for both
-    gradients of P, one in-place multiply) and never forms the gradient of the m x m inverse. A^+ is applied by
-    Newton iterations (analytic inverse gradient) or a ridge Cholesky solve.
+
+def _tokens(x: Tensor, mask: Tensor | None, s: int, e: int, scale: float = 1.0) -> Tensor:
+    """Rows s:e of x (b, h, n, d), times `scale`, padded rows zeroed: built per block, in cache, instead of masked
+    and scaled copies of the whole of q and v (and of their gradients)."""
+    x = x[..., s:e, :]
+    if scale != 1.0:
+        x = x * scale
+    return x if mask is None else x.masked_fill(~mask[:, None, s:e, None], 0.0)
+
+
+def _with_ones(x: Tensor) -> Tensor:
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (..., d + 1): G @ [x, 1] = [G x, rowsum G]
+
+
+def _landmark_matrix(landmarks: Tensor, empty: Tensor, diagonal: float) -> Tensor:
+    """A = exp(-||l_i - l_j||^2 / 2) (b, h, m, m) with empty landmarks' rows and columns set to the identity's
+    (exp underflows to 0 there, then 1 is added on the diagonal) and `diagonal` (a ridge) added to every A_ii."""
+    A = _kernel_product(_augment(landmarks, "left", empty), _augment(landmarks, "right", empty))
+    A.diagonal(dim1=-2, dim2=-1).add_(empty[..., 0].to(A.dtype) + diagonal)  # (b, 1, m) broadcast over heads
+    return A
+
+
+def _kernel_product(left: Tensor, right: Tensor) -> Tensor:
+    return (left @ right.transpose(-1, -2)).clamp_(max=0.0).exp_()
+
+
+def _solve_factor(A: Tensor, ridge: float) -> Tensor:
+    """Cholesky factor of A, whose diagonal already holds `ridge`; float32 rounding can make a near-singular A
+    slightly indefinite, so the ridge grows 100-fold (at most three times) for the matrices that fail."""
+    factor, info = _linalg.cholesky(A)
+    if torch.compiler.is_compiling():  # no data-dependent retry inside a compiled graph; a failure shows up as NaN
+        return factor
+    for attempt in range(1, 4):
+        if not bool(info.any()):
+            return factor
+        extra = (info != 0).to(A.dtype)[..., None, None] * (ridge * 100 ** attempt - ridge)  # (..., 1, 1)
+        factor, info = _linalg.cholesky(A + extra * _eye_like(A))
+    if bool(info.any()):
+        raise FloatingPointError(f"Cholesky of the landmark matrix failed even with ridge {ridge * 100 ** 3:g}; "
+                                 "are there NaN or inf values in the input?")
+    return factor
+
+
+class _SoftProduct(torch.autograd.Function):
+    """out = P^T (A^+ (P V)) with P = exp(-||l - s q||^2 / 2) (m x n), A = exp(-||l - l||^2 / 2) (m x m), s = scale.
+
+    q, v (b, h, n, d) come unscaled and unmasked, in any layout (e.g. the (b, n, h, d) memory of a head split), and
+    the output and input gradients are written in that same layout. P is built block by block over the tokens (one
+    product, clamp, exp in place) and used while in cache; scaling and padding are applied per block. The backward
+    touches each block of P twice (once for grad_Y, once for everything else: one product for both gradients of P,
+    one in-place multiply) and never forms the gradient of the m x m inverse. Empty landmarks have all-zero rows in
+    P and identity rows and columns in A (see `_augment`), so they carry nothing, without masking passes. A^+ is
+    applied by Newton iterations (analytic inverse gradient) or a ridge Cholesky solve.
     """
 
     @staticmethod
-    def forward(ctx, landmarks, q, v, keep, inverse, iters, init, ridge):
+    def forward(ctx, landmarks, q, v, mask, keep, inverse, iters, init, ridge, scale):
         b, h, m, _ = landmarks.shape
         chunks = _chunks(q.shape[-2], b * h * m, q.device)
-        L_aug = _augment(landmarks, "left")  # (b, h, m, d + 2)
+        L_aug = _augment(landmarks, "left", ~keep)  # (b, h, m, d + 2)
         Ps, W = [], None
         for s, e in chunks:
-            P = (L_aug @ _augment(q[..., s:e, :], "right").transpose(-1, -2)).clamp_(max=0.0).exp_()  # (b, h, m, c)
-            W = P @ v[..., s:e, :] if W is None else W.add_(P @ v[..., s:e, :])  # (b, h, m, d)
+            P = _kernel_product(L_aug, _augment(_tokens(q, mask, s, e, scale), "right"))  # (b, h, m, c)
+            PV = P @ _tokens(v, mask, s, e)
+            W = PV if W is None else W.add_(PV)  # (b, h, m, d)
             Ps.append(P)
-        W = W * keep  # (b, h, m, d)
-        pair = keep & keep.transpose(-1, -2)  # (b, 1, m, m): both landmarks exist
-        A = _kernel(landmarks, landmarks)
-        A = torch.where(pair, A, _eye_like(A))  # empty landmarks: identity rows/columns (see soft_attention)
+        A = _landmark_matrix(landmarks, ~keep, ridge if inverse == "solve" else 0.0)  # (b, h, m, m)
         if inverse == "newton" and not any(ctx.needs_input_grad[:3]):
             factor, Y = None, _newton_apply(A, W, iters, init, nonnegative=True)  # inference: half the products
         elif inverse == "newton":
             factor = _newton_iterate(A, iters, init, nonnegative=True)  # Z ~ A^+ (m x m)
             Y = factor @ W
         else:
-            factor = _ridge_cholesky(A, ridge)
-            Y = torch.cholesky_solve(W, factor)
-        out = torch.cat([P.transpose(-1, -2) @ Y for P in Ps], dim=-2)  # (b, h, n, d)
-        ctx.inverse, ctx.chunks = inverse, chunks
-        ctx.save_for_backward(landmarks, q, v, keep, pair, A, factor, Y, *Ps)
+            factor = _solve_factor(A, ridge)
+            Y = _linalg.cho_solve(factor, W)
+        out = torch.empty_like(q)  # q's layout: a head split's (b, n, h, d) memory stays so, merging is free
+        for P, (s, e) in zip(Ps, chunks):
+            out[..., s:e, :] = _padding_zeroed(P.transpose(-1, -2) @ Y, mask, s, e)  # (b, h, c, d)
+        ctx.inverse, ctx.chunks, ctx.scale = inverse, chunks, scale
+        ctx.save_for_backward(landmarks, q, v, mask, A, factor, Y, *Ps)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        landmarks, q, v, keep, pair, A, factor, Y, *Ps = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_Y = sum(P @ grad_out[..., s:e, :] for P, (s, e) in zip(Ps, ctx.chunks))  # (b, h, m, d)
+        landmarks, q, v, mask, A, factor, Y, *Ps = ctx.saved_tensors
+        scale, chunks = ctx.scale, ctx.chunks
+        grad_Y = sum(P @ _tokens(grad_out, mask, s, e) for P, (s, e) in zip(Ps, chunks))  # (b, h, m, d)
         if ctx.inverse == "newton":
             grad_W = factor.transpose(-1, -2) @ grad_Y
         else:
-            grad_W = torch.cholesky_solve(grad_Y, factor)
-        grad_A = -grad_W @ Y.transpose(-1, -2)  # -A^-T G (A^-1 W)^T, the analytic inverse gradient
-        grad_W = grad_W * keep
+            grad_W = _linalg.cho_solve(factor, grad_Y)  # A is symmetric
         Y_gW = torch.cat([Y, grad_W], -1)  # (b, h, m, 2d)
-        L_one = torch.cat([landmarks, torch.ones_like(landmarks[..., :1])], dim=-1)  # (b, h, m, d + 1)
+        L_one = _with_ones(landmarks)  # (b, h, m, d + 1)
         grad_q, grad_v, acc = torch.empty_like(q), torch.empty_like(v), 0
-        for P, (s, e) in zip(Ps, ctx.chunks):
-            q_c = q[..., s:e, :]
-            grad_v[..., s:e, :] = P.transpose(-1, -2) @ grad_W
+        for P, (s, e) in zip(Ps, chunks):
+            q_c, v_c = _tokens(q, mask, s, e, scale), _tokens(v, mask, s, e)
+            grad_v[..., s:e, :] = _padding_zeroed(P.transpose(-1, -2) @ grad_W, mask, s, e)
             # dL/dP = Y grad_out^T + grad_W v^T as one product; then times P for the exponential
-            G = (Y_gW @ torch.cat([grad_out[..., s:e, :], v[..., s:e, :]], -1).transpose(-1, -2)).mul_(P)
-            acc = acc + G @ torch.cat([q_c, torch.ones_like(q_c[..., :1])], dim=-1)  # (b, h, m, d + 1)
-            gy = G.transpose(-1, -2) @ L_one  # (b, h, c, d + 1): [G^T L, colsum G]
-            grad_q[..., s:e, :] = torch.addcmul(gy[..., :-1], gy[..., -1:], q_c, value=-1)
+            G = (Y_gW @ torch.cat([_tokens(grad_out, mask, s, e), v_c], -1).transpose(-1, -2)).mul_(P)
+            acc = acc + G @ _with_ones(q_c)  # (b, h, m, d + 1)
+            gy = G.transpose(-1, -2) @ L_one  # (b, h, c, d + 1): [G^T l, colsum G]
+            grad_q[..., s:e, :] = torch.addcmul(gy[..., :-1], gy[..., -1:], q_c, value=-1).mul_(scale)
+        # Through A: dL/dA = -grad_W Y^T (the analytic inverse gradient), times A for the exponential. As A's two
+        # arguments are the same landmarks, both gradients of the kernel come from the symmetric S = G_A + G_A^T:
+        # dL/dl = S l - rowsum(S) l. Diagonal entries (where the ridge and the empty landmarks' 1 sit) contribute
+        # S_ii (l_i - l_i) = 0.
+        S = (Y_gW @ torch.cat([grad_W, Y], -1).transpose(-1, -2)).mul_(A).neg_()  # (b, h, m, m)
+        acc = acc + S @ L_one
         grad_L = torch.addcmul(acc[..., :-1], acc[..., -1:], landmarks, value=-1)
-        G_A = grad_A * A * pair  # identity entries of empty landmarks carry no gradient
-        gl_a, gl_b = _kernel_backward(G_A, landmarks, landmarks)
-        return grad_L + gl_a + gl_b, grad_q, grad_v, None, None, None, None, None
+        return grad_L, grad_q, grad_v, None, None, None, None, None, None, None
 
 
 # --- SOFT (Algorithm 1, eq. 9) ----------------------------------------------------------------------------------------
@@ -389,22 +447,23 @@ def soft_attention(q: Tensor, v: Tensor, mask: Tensor | None = None, *, sampling
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.autocast(q.device.type, enabled=False):
         scale = q.shape[-1] ** -0.25  # exp(-||q - k||^2 / (2 sqrt(d))) = exp(-||s q - s k||^2 / 2), s = d^-1/4
-        q = zero_padding(q.to(dtype), mask) * scale
-        v = zero_padding(v.to(dtype), mask)  # padded values contribute nothing to P V
-
-        if landmarks is None:
+        q, v = q.to(dtype), v.to(dtype)
+        if landmarks is None:  # means are linear, so the landmarks of s q are s times those of q
             landmarks, landmark_mask = sample_landmarks(q, mask, sampling=sampling, window=window,
                                                         num_landmarks=num_landmarks)
         else:
-            landmarks = landmarks.to(dtype) * scale
+            landmarks = landmarks.to(dtype)
             if landmark_mask is None:
                 landmark_mask = torch.ones(landmarks.shape[0], landmarks.shape[2], dtype=torch.bool,
                                            device=q.device)
         keep = landmark_mask[:, None, :, None]  # (b, 1, m, 1)
+        landmarks = landmarks.masked_fill(~keep, 0.0) * scale  # (b, h, m, d); empty ones may hold padding values
 
         if inverse in ("newton", "solve") and newton_grad == "analytic":
-            out = _SoftProduct.apply(landmarks, q, v, keep, inverse, iters, newton_init, ridge)
+            out = _SoftProduct.apply(landmarks, q, v, mask, keep, inverse, iters, newton_init, ridge, scale)
         else:  # the reference paths: plain autograd through pinv, or through every Newton iteration
+            q = zero_padding(q, mask) * scale
+            v = zero_padding(v, mask)  # padded values contribute nothing to P V
             # A = exp(Q~ - K~) (m x m); an empty landmark becomes an identity row/column, which leaves the valid
             # block's inverse (and every Newton iterate of it) unchanged.
             A = gaussian_kernel(landmarks, landmarks)  # (b, h, m, m)
@@ -417,8 +476,8 @@ def soft_attention(q: Tensor, v: Tensor, mask: Tensor | None = None, *, sampling
                 Y = torch.cholesky_solve(W, _ridge_cholesky(A, ridge))
             else:
                 Y = torch.linalg.pinv(A, hermitian=True) @ W
-            out = P.transpose(-1, -2) @ Y  # (b, h, n, d)
-        return zero_padding(out, mask).to(out_dtype)
+            out = zero_padding(P.transpose(-1, -2) @ Y, mask)  # (b, h, n, d)
+        return out.to(out_dtype)
 
 
 class SoftAttention(nn.Module):
