@@ -16,6 +16,18 @@ from lra_soft.attention import ATTENTION
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
 
+@app.callback()
+def _setup(
+    malloc_tuning: Annotated[bool, typer.Option(help="Keep freed large CPU blocks for reuse instead of page-faulting "
+                                                     "them afresh (glibc mallopt, see lra_soft/allocator.py): faster "
+                                                     "long sequences on CPU; the peak heap stays allocated.")] = True,
+) -> None:
+    if malloc_tuning:
+        from lra_soft.allocator import keep_freed_memory
+
+        keep_freed_memory()
+
+
 def _parse_options(pairs: list[str], flag: str) -> dict[str, object]:
     """["num_landmarks=64", "inverse=exact"] -> {"num_landmarks": 64, "inverse": "exact"}: literals, else str."""
     out: dict[str, object] = {}

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from lra_soft import allocator
+
 # Columns of the Markdown table: (row key, header, format).
 ATTENTION_COLUMNS = [
     ("attention", "attention", "{}"), ("compiled", "compiled", "{}"), ("n", "n", "{}"), ("m", "m", "{}"),
@@ -40,9 +42,10 @@ MODEL_COLUMNS = [
 
 
 def environment() -> dict[str, Any]:
-    """What the figures depend on: torch, device, threads and the git commit of the code measured."""
+    """What the figures depend on: torch, device, threads, the allocator tuning and the git commit measured."""
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "cpu": _cpu_name(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+           "cpu": _cpu_name(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+           "malloc_tuned": allocator.tuned}
     try:
         root = Path(__file__).resolve().parents[2]
         env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
