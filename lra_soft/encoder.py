@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lra_soft.attention import build_attention
 from lra_soft.config import EncoderConfig
+from lra_soft.dropout import Dropout
 
 POOLINGS = ("mean", "mean_padded", "cls")
 
@@ -38,8 +39,7 @@ def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
 
 class MLP(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
-                         nn.Dropout(dropout))
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim), Dropout(dropout))
 
 
 class Block(nn.Module):
@@ -70,7 +70,7 @@ class Encoder(nn.Module):
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.positions = nn.Embedding(cfg.max_len + self.extra, cfg.dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if self.extra else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, cfg.max_len + self.extra) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         for emb in (self.tokens, self.positions):

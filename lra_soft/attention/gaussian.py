@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
+from lra_soft.dropout import Dropout
 
 
 def gaussian_kernel_matrix(x: Tensor, y: Tensor) -> Tensor:
@@ -41,7 +42,7 @@ class GaussianAttention(nn.Module):
         self.W_q = nn.Linear(dim, dim)  # shared query/key projection (Q = K, Section 3.1)
         self.W_v = nn.Linear(dim, dim)
         self.ff = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_mask(x, mask)

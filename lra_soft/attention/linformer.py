@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
+from lra_soft.dropout import Dropout
 
 
 def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -46,7 +47,7 @@ class LinformerAttention(nn.Module):
         # share_kv: one projection for keys and values (the paper's "key-value sharing", Section 4)
         self.F = None if share_kv else nn.Parameter(torch.randn(heads, k, max_len) / k ** 0.5)
         self.ff = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_mask(x, mask)

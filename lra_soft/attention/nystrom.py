@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
+from lra_soft.dropout import Dropout
 
 
 def iterative_pinv(A: Tensor, iters: int = 6) -> Tensor:
@@ -122,7 +123,7 @@ class NystromAttention(nn.Module):
         self.conv = None if conv_kernel == 0 else nn.Conv2d(heads, heads, (conv_kernel, 1),
                                                             padding=(conv_kernel // 2, 0), groups=heads, bias=False)
         self.ff = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_mask(x, mask)

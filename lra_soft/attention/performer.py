@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lra_soft.attention._common import check_mask, merge_heads, split_heads
+from lra_soft.dropout import Dropout
 
 
 def orthogonal_features(m: int, d: int, *, device=None, dtype=torch.float32,
@@ -89,7 +90,7 @@ class PerformerAttention(nn.Module):
         self.W_k = nn.Linear(dim, dim)
         self.W_v = nn.Linear(dim, dim)
         self.ff = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.register_buffer("features", orthogonal_features(num_features, dim // heads))  # (m, d)
         self.register_buffer("seed", torch.randint(2 ** 62, ()))                         # for redraws
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))                 # training passes so far

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lra_soft.attention._common import check_mask, merge_heads, split_heads
+from lra_soft.dropout import Dropout
 
 SELF_LOGIT = -1e5      # a token sees itself only when nothing else is in its window
 PADDING_LOGIT = -1e9   # padded keys, and the missing previous chunk of the first chunk
@@ -120,7 +121,7 @@ class ReformerAttention(nn.Module):
         self.W_qk = nn.Linear(dim, dim)   # shared queries and keys
         self.W_v = nn.Linear(dim, dim)
         self.ff = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.register_buffer("rotations", self._draw_rotations(dim // heads))  # (d, n_hashes, n_buckets/2)
 
     def _draw_rotations(self, d: int, device=None) -> Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lra_soft.attention._common import check_mask, merge_heads, split_heads
+from lra_soft.dropout import Dropout
 
 
 def softmax_attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -35,7 +36,7 @@ class SoftmaxAttention(nn.Module):
         self.W_k = nn.Linear(dim, dim)
         self.W_v = nn.Linear(dim, dim)
         self.ff = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_mask(x, mask)
