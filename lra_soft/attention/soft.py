@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from lra_soft.attention import _linalg
 from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
+from lra_soft.dropout import Dropout
 
 SAMPLING = ("avgpool", "conv", "random", "first")
 INVERSE = ("newton", "solve", "pinv")
@@ -501,7 +502,7 @@ class SoftAttention(nn.Module):
         head_dim = dim // heads
         # Learned landmarks: kernel = stride = window, no bias, shared by the heads (Section 4.4).
         self.conv = nn.Conv1d(head_dim, head_dim, window, stride=window, bias=False) if sampling == "conv" else None
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def conv_landmarks(self, q: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         b, h, n, d = q.shape
