@@ -296,13 +296,26 @@ def _padding_zeroed(block: Tensor, mask: Tensor | None, s: int, e: int) -> Tenso
     return block if mask is None else block.masked_fill_(~mask[:, None, s:e, None], 0.0)
 
 
-def _tokens(x: Tensor, mask: Tensor | None, s: int, e: int, scale: float = 1.0) -> Tensor:
-    """Rows s:e of x (b, h, n, d), times `scale`, padded rows zeroed: built per block, in cache, instead of masked
-    and scaled copies of the whole of q and v (and of their gradients)."""
-    x = x[..., s:e, :]
-    if scale != 1.0:
-        x = x * scale
-    return x if mask is None else x.masked_fill(~mask[:, None, s:e, None], 0.0)
+def _gather_tokens(out: Tensor, x: Tensor, mask: Tensor | None, s: int, e: int, scale: float = 1.0) -> Tensor:
+    """Rows s:e of x (b, h, n, d) copied into the block `out` (b, h, e - s, d), padded rows zeroed, times `scale`.
+
+    One read of x in whatever layout it has (e.g. the (b, n, h, d) memory of a head split); the masking and scaling
+    then act on the block while it is in cache, instead of on masked and scaled copies of the whole of q and v."""
+    out.copy_(x[..., s:e, :])
+    if mask is not None:
+        out.masked_fill_(~mask[:, None, s:e, None], 0.0)
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+def _token_block(q: Tensor, mask: Tensor | None, s: int, e: int, scale: float) -> Tensor:
+    """[s q_j, 1, -|s q_j|^2 / 2] for the tokens j in s:e (padded ones: [0, 1, 0]): (b, h, e - s, d + 2), the right
+    factor of P's block (see `_augment`); its first d + 1 columns are also the [q, 1] of the backward."""
+    b, h, _, d = q.shape
+    block = q.new_empty(b, h, e - s, d + 2)
+    x = _gather_tokens(block[..., :d], q, mask, s, e, scale)
+    block[..., d] = 1.0
+    block[..., d + 1] = (x * x).sum(-1).mul_(-0.5)
+    return block
 
 
 def _with_ones(x: Tensor) -> Tensor:
@@ -355,12 +368,14 @@ class _SoftProduct(torch.autograd.Function):
         b, h, m, _ = landmarks.shape
         chunks = _chunks(q.shape[-2], b * h * m, q.device)
         L_aug = _augment(landmarks, "left", ~keep)  # (b, h, m, d + 2)
-        Ps, W = [], None
+        Ps, Qs, Vs, W = [], [], [], None
         for s, e in chunks:
-            P = _kernel_product(L_aug, _augment(_tokens(q, mask, s, e, scale), "right"))  # (b, h, m, c)
-            PV = P @ _tokens(v, mask, s, e)
+            Q = _token_block(q, mask, s, e, scale)  # (b, h, c, d + 2)
+            P = _kernel_product(L_aug, Q)  # (b, h, m, c)
+            V = _gather_tokens(v.new_empty(*v.shape[:2], e - s, v.shape[-1]), v, mask, s, e)  # (b, h, c, d)
+            PV = P @ V
             W = PV if W is None else W.add_(PV)  # (b, h, m, d)
-            Ps.append(P)
+            Ps.append(P), Qs.append(Q), Vs.append(V)
         A = _landmark_matrix(landmarks, ~keep, ridge if inverse == "solve" else 0.0)  # (b, h, m, m)
         if inverse == "newton" and not any(ctx.needs_input_grad[:3]):
             factor, Y = None, _newton_apply(A, W, iters, init, nonnegative=True)  # inference: half the products
@@ -374,29 +389,41 @@ class _SoftProduct(torch.autograd.Function):
         for P, (s, e) in zip(Ps, chunks):
             out[..., s:e, :] = _padding_zeroed(P.transpose(-1, -2) @ Y, mask, s, e)  # (b, h, c, d)
         ctx.inverse, ctx.chunks, ctx.scale = inverse, chunks, scale
-        ctx.save_for_backward(landmarks, q, v, mask, A, factor, Y, *Ps)
+        ctx.save_for_backward(landmarks, mask, A, factor, Y, *Ps, *Qs, *Vs)
+        # the gradients take q's and v's layouts; data-free "meta" copies keep shape, strides and dtype, not memory
+        ctx.layout = (torch.empty_like(q, device="meta"), torch.empty_like(v, device="meta"))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        landmarks, q, v, mask, A, factor, Y, *Ps = ctx.saved_tensors
+        landmarks, mask, A, factor, Y, *blocks = ctx.saved_tensors
         scale, chunks = ctx.scale, ctx.chunks
-        grad_Y = sum(P @ _tokens(grad_out, mask, s, e) for P, (s, e) in zip(Ps, chunks))  # (b, h, m, d)
+        k = len(chunks)
+        Ps, Qs, Vs = blocks[:k], blocks[k:2 * k], blocks[2 * k:]
+        b, h, m, d = landmarks.shape
+        dv = Y.shape[-1]
+        GVs, grad_Y = [], 0  # GV: [grad_out, v] of a block's tokens, the right factor of dL/dP
+        for P, V, (s, e) in zip(Ps, Vs, chunks):
+            GV = Y.new_empty(b, h, e - s, 2 * dv)
+            GV[..., dv:] = V
+            grad_Y = grad_Y + P @ _gather_tokens(GV[..., :dv], grad_out, mask, s, e)  # (b, h, m, d)
+            GVs.append(GV)
         if ctx.inverse == "newton":
             grad_W = factor.transpose(-1, -2) @ grad_Y
         else:
             grad_W = _linalg.cho_solve(factor, grad_Y)  # A is symmetric
         Y_gW = torch.cat([Y, grad_W], -1)  # (b, h, m, 2d)
         L_one = _with_ones(landmarks)  # (b, h, m, d + 1)
-        grad_q, grad_v, acc = torch.empty_like(q), torch.empty_like(v), 0
-        for P, (s, e) in zip(Ps, chunks):
-            q_c, v_c = _tokens(q, mask, s, e, scale), _tokens(v, mask, s, e)
+        grad_q = torch.empty_like(ctx.layout[0], device=Y.device)
+        grad_v = torch.empty_like(ctx.layout[1], device=Y.device)
+        acc = 0
+        for P, Q, GV, (s, e) in zip(Ps, Qs, GVs, chunks):
             grad_v[..., s:e, :] = _padding_zeroed(P.transpose(-1, -2) @ grad_W, mask, s, e)
             # dL/dP = Y grad_out^T + grad_W v^T as one product; then times P for the exponential
-            G = (Y_gW @ torch.cat([_tokens(grad_out, mask, s, e), v_c], -1).transpose(-1, -2)).mul_(P)
-            acc = acc + G @ _with_ones(q_c)  # (b, h, m, d + 1)
+            G = (Y_gW @ GV.transpose(-1, -2)).mul_(P)  # (b, h, m, c)
+            acc = acc + G @ Q[..., :d + 1]  # (b, h, m, d + 1): [G s q, rowsum G]
             gy = G.transpose(-1, -2) @ L_one  # (b, h, c, d + 1): [G^T l, colsum G]
-            grad_q[..., s:e, :] = torch.addcmul(gy[..., :-1], gy[..., -1:], q_c, value=-1).mul_(scale)
+            grad_q[..., s:e, :] = torch.addcmul(gy[..., :-1], gy[..., -1:], Q[..., :d], value=-1).mul_(scale)
         # Through A: dL/dA = -grad_W Y^T (the analytic inverse gradient), times A for the exponential. As A's two
         # arguments are the same landmarks, both gradients of the kernel come from the symmetric S = G_A + G_A^T:
         # dL/dl = S l - rowsum(S) l. Diagonal entries (where the ridge and the empty landmarks' 1 sit) contribute
