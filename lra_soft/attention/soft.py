@@ -45,7 +45,7 @@ SAMPLING = ("avgpool", "conv", "random", "first")
 INVERSE = ("newton", "solve", "pinv")
 NEWTON_INIT = ("paper", "spectral")
 NEWTON_GRAD = ("analytic", "unrolled")
-CHUNK_ELEMENTS, MIN_CHUNK = 1 << 20, 256  # CPU blocking of the m x n kernel work (see _chunks)
+CHUNK_ELEMENTS, MIN_CHUNK = 1 << 22, 256  # CPU blocking of the m x n kernel work (see _chunks)
 
 
 # --- the Gaussian kernel exp(-||x - y||^2 / 2) on pre-scaled vectors (eqs. 5, 8) --------------------------------------
@@ -285,25 +285,38 @@ def sample_landmarks(q: Tensor, mask: Tensor | None = None, *, sampling: str = "
 # --- the Nystrom product P^T (A^+ (P V)) with a hand-written backward -------------------------------------------------
 
 def _chunks(n: int, rows: int, device: torch.device) -> list[tuple[int, int]]:
-    """Token ranges for the m x n work: on CPU, blocks of about 2^20 kernel entries (4 MB), so that each block of P is
-    built, exponentiated, used and (in backward) multiplied while it is still in cache; one block on GPUs."""
+    """Token ranges for the m x n work: on CPU, blocks of about 2^22 kernel entries (16 MB), so that each block of P
+    is built, exponentiated, used and (in backward) multiplied while it is still in the last-level cache; one block on
+    GPUs. (A sweep of 2^18..2^22 and no blocking, with the allocator tuned, at batch 32 / n 2048 / m 64, at n 4096 and
+    16384 / m 64, and at n 4096 / m 1024: 2^22 was the fastest or within 3% of it everywhere.)"""
     size = n if device.type != "cpu" else max(MIN_CHUNK, CHUNK_ELEMENTS // max(rows, 1))
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _padding_zeroed(block: Tensor, mask: Tensor | None, s: int, e: int) -> Tensor:
-    """block (b, h, e - s, d) holding tokens s:e, with the padded ones zeroed in place."""
-    return block if mask is None else block.masked_fill_(~mask[:, None, s:e, None], 0.0)
+def _write_rows(out: Tensor, block: Tensor, keep: Tensor | None, s: int, e: int) -> None:
+    """out[..., s:e, :] = block, with the padded rows zero; `keep` is the float mask (b, n). A multiplication, which
+    is several times faster than a masked fill here, is safe because the blocks written are finite wherever the
+    inputs are (padded tokens enter them only as zero rows)."""
+    if keep is None:
+        out[..., s:e, :] = block
+    elif torch.compiler.is_compiling():  # dynamo refuses non-contiguous out= tensors
+        out[..., s:e, :] = block * keep[:, None, s:e, None]
+    else:
+        torch.mul(block, keep[:, None, s:e, None], out=out[..., s:e, :])
 
 
 def _gather_tokens(out: Tensor, x: Tensor, mask: Tensor | None, s: int, e: int, scale: float = 1.0) -> Tensor:
     """Rows s:e of x (b, h, n, d) copied into the block `out` (b, h, e - s, d), padded rows zeroed, times `scale`.
 
-    One read of x in whatever layout it has (e.g. the (b, n, h, d) memory of a head split); the masking and scaling
-    then act on the block while it is in cache, instead of on masked and scaled copies of the whole of q and v."""
-    out.copy_(x[..., s:e, :])
-    if mask is not None:
-        out.masked_fill_(~mask[:, None, s:e, None], 0.0)
+    One read of x in whatever layout it has (e.g. the (b, n, h, d) memory of a head split), with the padding zeroed
+    on the way (a select, so that even NaN or inf in padded rows cannot leak); the scaling then acts on the block in
+    cache. This replaces masked and scaled copies of the whole of q and v (and of their gradients)."""
+    if mask is None:
+        out.copy_(x[..., s:e, :])
+    elif torch.compiler.is_compiling():  # dynamo refuses non-contiguous out= tensors
+        out.copy_(torch.where(mask[:, None, s:e, None], x[..., s:e, :], 0.0))
+    else:
+        torch.where(mask[:, None, s:e, None], x[..., s:e, :], x.new_zeros(()), out=out)
     return out.mul_(scale) if scale != 1.0 else out
 
 
@@ -386,17 +399,18 @@ class _SoftProduct(torch.autograd.Function):
             factor = _solve_factor(A, ridge)
             Y = _linalg.cho_solve(factor, W)
         out = torch.empty_like(q)  # q's layout: a head split's (b, n, h, d) memory stays so, merging is free
+        keep_tokens = None if mask is None else mask.to(Y.dtype)  # (b, n)
         for P, (s, e) in zip(Ps, chunks):
-            out[..., s:e, :] = _padding_zeroed(P.transpose(-1, -2) @ Y, mask, s, e)  # (b, h, c, d)
+            _write_rows(out, P.transpose(-1, -2) @ Y, keep_tokens, s, e)  # (b, h, c, d)
         ctx.inverse, ctx.chunks, ctx.scale = inverse, chunks, scale
-        ctx.save_for_backward(landmarks, mask, A, factor, Y, *Ps, *Qs, *Vs)
+        ctx.save_for_backward(landmarks, mask, keep_tokens, A, factor, Y, *Ps, *Qs, *Vs)
         # the gradients take q's and v's layouts; data-free "meta" copies keep shape, strides and dtype, not memory
         ctx.layout = (torch.empty_like(q, device="meta"), torch.empty_like(v, device="meta"))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        landmarks, mask, A, factor, Y, *blocks = ctx.saved_tensors
+        landmarks, mask, keep_tokens, A, factor, Y, *blocks = ctx.saved_tensors
         scale, chunks = ctx.scale, ctx.chunks
         k = len(chunks)
         Ps, Qs, Vs = blocks[:k], blocks[k:2 * k], blocks[2 * k:]
@@ -418,7 +432,7 @@ class _SoftProduct(torch.autograd.Function):
         grad_v = torch.empty_like(ctx.layout[1], device=Y.device)
         acc = 0
         for P, Q, GV, (s, e) in zip(Ps, Qs, GVs, chunks):
-            grad_v[..., s:e, :] = _padding_zeroed(P.transpose(-1, -2) @ grad_W, mask, s, e)
+            _write_rows(grad_v, P.transpose(-1, -2) @ grad_W, keep_tokens, s, e)
             # dL/dP = Y grad_out^T + grad_W v^T as one product; then times P for the exponential
             G = (Y_gW @ GV.transpose(-1, -2)).mul_(P)  # (b, h, m, c)
             acc = acc + G @ Q[..., :d + 1]  # (b, h, m, d + 1): [G s q, rowsum G]
