@@ -276,3 +276,21 @@ def test_head_split_layout_is_kept_and_changes_nothing(options):
             assert out.transpose(1, 2).is_contiguous()
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6), dict(sampling="first")])
+def test_nan_in_padding_does_not_leak(options):
+    """Whatever padded rows hold (here NaN and inf) changes nothing at valid positions, in outputs or gradients."""
+    mask = torch.arange(40) < torch.tensor([[40], [23]])
+    q0, v0 = torch.randn(2, 2, 40, 8, dtype=torch.float64), torch.randn(2, 2, 40, 8, dtype=torch.float64)
+    g = torch.randn(2, 2, 40, 8, dtype=torch.float64)
+    results = []
+    for junk in (0.0, float("nan"), float("inf")):
+        q = q0.masked_fill(~mask[:, None, :, None], junk).requires_grad_()
+        v = v0.masked_fill(~mask[:, None, :, None], junk).requires_grad_()
+        out = soft_attention(q, v, mask, **options)
+        results.append((out, *torch.autograd.grad((out * g).sum(), (q, v))))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
