@@ -67,18 +67,23 @@ def _augment(x: Tensor, last: str, empty: Tensor | None = None) -> Tensor:
     return torch.cat([x, half, ones] if last == "left" else [x, ones, half], dim=-1)
 
 
+def _kernel_product(left: Tensor, right: Tensor) -> Tensor:
+    """exp(min(0, left . right)) (..., m, n) for augmented left (..., m, d + 2) and right (..., n, d + 2) vectors: one
+    product, one in-place clamp and exponential."""
+    return (left @ right.transpose(-1, -2)).clamp_(max=0.0).exp_()
+
+
+def _with_ones(x: Tensor) -> Tensor:
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (..., d + 1): G @ [x, 1] = [G x, rowsum G]
+
+
 def _kernel_backward(G: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of sum(G * K) w.r.t. x (..., m, d) and y (..., n, d) given G = dL/dK * K (..., m, n)."""
-    gx = G @ torch.cat([y, torch.ones_like(y[..., :1])], dim=-1)  # (..., m, d + 1): [G y, rowsum G]
-    gy = G.transpose(-1, -2) @ torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # [G^T x, colsum G]
+    gx = G @ _with_ones(y)  # (..., m, d + 1): [G y, rowsum G]
+    gy = G.transpose(-1, -2) @ _with_ones(x)  # [G^T x, colsum G]
     grad_x = torch.addcmul(gx[..., :-1], gx[..., -1:], x, value=-1)
     grad_y = torch.addcmul(gy[..., :-1], gy[..., -1:], y, value=-1)
     return grad_x, grad_y
-
-
-def _kernel(x: Tensor, y: Tensor) -> Tensor:
-    """exp(min(0, x.y - |x|^2/2 - |y|^2/2)) (..., m, n): one product of augmented vectors, one in-place exponential."""
-    return (_augment(x, "left") @ _augment(y, "right").transpose(-1, -2)).clamp_(max=0.0).exp_()
 
 
 class _GaussianKernel(torch.autograd.Function):
@@ -86,7 +91,7 @@ class _GaussianKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
-        kernel = _kernel(x, y)
+        kernel = _kernel_product(_augment(x, "left"), _augment(y, "right"))
         ctx.save_for_backward(x, y, kernel)
         return kernel
 
@@ -210,18 +215,22 @@ def newton_inverse_unrolled(A: Tensor, iters: int = 20, init: str = "paper") -> 
     return Z
 
 
-def _ridge_cholesky(A: Tensor, ridge: float) -> Tensor:
-    """Cholesky factor of the PSD matrix A + ridge I, by torch (the reference path); float32 rounding can make a near-singular A slightly
-    indefinite, so the ridge grows 100-fold (at most three times) for the factorisations that fail."""
-    eye = _eye_like(A)
+def _ridge_cholesky(A: Tensor, ridge: float, cholesky=torch.linalg.cholesky_ex) -> Tensor:
+    """Cholesky factor of A (..., m, m), a PSD matrix whose diagonal already holds `ridge`, by `cholesky` (torch's
+    on the reference path, `_linalg.cholesky` on the fused one). Float32 rounding can make a near-singular A slightly
+    indefinite, so the ridge grows 100-fold (at most three times) for the matrices whose factorisation fails."""
+    factor, info = cholesky(A)
     if torch.compiler.is_compiling():  # no data-dependent retry inside a compiled graph; a failure shows up as NaN
-        return torch.linalg.cholesky_ex(A + ridge * eye)[0]
-    for attempt in range(4):
-        L, info = torch.linalg.cholesky_ex(A + (ridge * 100 ** attempt) * eye)
+        return factor
+    for attempt in range(1, 4):
         if not bool(info.any()):
-            return L
-    raise FloatingPointError(f"Cholesky of the landmark matrix failed even with ridge {ridge * 100 ** 3:g}; "
-                             "are there NaN or inf values in the input?")
+            return factor
+        extra = (info != 0).to(A.dtype)[..., None, None] * (ridge * 100 ** attempt - ridge)  # (..., 1, 1)
+        factor, info = cholesky(A + extra * _eye_like(A))
+    if bool(info.any()):
+        raise FloatingPointError(f"Cholesky of the landmark matrix failed even with ridge {ridge * 100 ** 3:g}; "
+                                 "are there NaN or inf values in the input?")
+    return factor
 
 
 def _check_square(A: Tensor) -> None:
@@ -336,37 +345,12 @@ def _token_block(q: Tensor, mask: Tensor | None, s: int, e: int, scale: float) -
     return block
 
 
-def _with_ones(x: Tensor) -> Tensor:
-    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # (..., d + 1): G @ [x, 1] = [G x, rowsum G]
-
-
 def _landmark_matrix(landmarks: Tensor, empty: Tensor, diagonal: float) -> Tensor:
     """A = exp(-||l_i - l_j||^2 / 2) (b, h, m, m) with empty landmarks' rows and columns set to the identity's
     (exp underflows to 0 there, then 1 is added on the diagonal) and `diagonal` (a ridge) added to every A_ii."""
     A = _kernel_product(_augment(landmarks, "left", empty), _augment(landmarks, "right", empty))
     A.diagonal(dim1=-2, dim2=-1).add_(empty[..., 0].to(A.dtype) + diagonal)  # (b, 1, m) broadcast over heads
     return A
-
-
-def _kernel_product(left: Tensor, right: Tensor) -> Tensor:
-    return (left @ right.transpose(-1, -2)).clamp_(max=0.0).exp_()
-
-
-def _solve_factor(A: Tensor, ridge: float) -> Tensor:
-    """Cholesky factor of A, whose diagonal already holds `ridge`; float32 rounding can make a near-singular A
-    slightly indefinite, so the ridge grows 100-fold (at most three times) for the matrices that fail."""
-    factor, info = _linalg.cholesky(A)
-    if torch.compiler.is_compiling():  # no data-dependent retry inside a compiled graph; a failure shows up as NaN
-        return factor
-    for attempt in range(1, 4):
-        if not bool(info.any()):
-            return factor
-        extra = (info != 0).to(A.dtype)[..., None, None] * (ridge * 100 ** attempt - ridge)  # (..., 1, 1)
-        factor, info = _linalg.cholesky(A + extra * _eye_like(A))
-    if bool(info.any()):
-        raise FloatingPointError(f"Cholesky of the landmark matrix failed even with ridge {ridge * 100 ** 3:g}; "
-                                 "are there NaN or inf values in the input?")
-    return factor
 
 
 class _SoftProduct(torch.autograd.Function):
@@ -401,7 +385,7 @@ class _SoftProduct(torch.autograd.Function):
             factor = _newton_iterate(A, iters, init, nonnegative=True)  # Z ~ A^+ (m x m)
             Y = factor @ W
         else:
-            factor = _solve_factor(A, ridge)
+            factor = _ridge_cholesky(A, ridge, _linalg.cholesky)
             Y = _linalg.cho_solve(factor, W)
         out = torch.empty_like(q)  # q's layout: a head split's (b, n, h, d) memory stays so, merging is free
         keep_tokens = None if mask is None else mask.to(Y.dtype)  # (b, n)
@@ -520,7 +504,7 @@ def soft_attention(q: Tensor, v: Tensor, mask: Tensor | None = None, *, sampling
             if inverse == "newton":
                 Y = newton_inverse_unrolled(A, iters, newton_init) @ W
             elif inverse == "solve":
-                Y = torch.cholesky_solve(W, _ridge_cholesky(A, ridge))
+                Y = torch.cholesky_solve(W, _ridge_cholesky(A + ridge * _eye_like(A), ridge))
             else:
                 Y = torch.linalg.pinv(A, hermitian=True) @ W
             out = zero_padding(P.transpose(-1, -2) @ Y, mask)  # (b, h, n, d)
