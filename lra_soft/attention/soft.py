@@ -345,10 +345,11 @@ def _token_block(q: Tensor, mask: Tensor | None, s: int, e: int, scale: float) -
     return block
 
 
-def _landmark_matrix(landmarks: Tensor, empty: Tensor, diagonal: float) -> Tensor:
-    """A = exp(-||l_i - l_j||^2 / 2) (b, h, m, m) with empty landmarks' rows and columns set to the identity's
-    (exp underflows to 0 there, then 1 is added on the diagonal) and `diagonal` (a ridge) added to every A_ii."""
-    A = _kernel_product(_augment(landmarks, "left", empty), _augment(landmarks, "right", empty))
+def _landmark_matrix(L_aug: Tensor, landmarks: Tensor, empty: Tensor, diagonal: float) -> Tensor:
+    """A = exp(-||l_i - l_j||^2 / 2) (b, h, m, m) from the landmarks and their left augmentation L_aug (the one P
+    uses), with empty landmarks' rows and columns set to the identity's (exp underflows to 0 there, then 1 is added on
+    the diagonal) and `diagonal` (a ridge) added to every A_ii."""
+    A = _kernel_product(L_aug, _augment(landmarks, "right", empty))
     A.diagonal(dim1=-2, dim2=-1).add_(empty[..., 0].to(A.dtype) + diagonal)  # (b, 1, m) broadcast over heads
     return A
 
@@ -369,7 +370,8 @@ class _SoftProduct(torch.autograd.Function):
     def forward(ctx, landmarks, q, v, mask, keep, inverse, iters, init, ridge, scale):
         b, h, m, _ = landmarks.shape
         chunks = _chunks(q.shape[-2], b * h * m, q.device)
-        L_aug = _augment(landmarks, "left", ~keep)  # (b, h, m, d + 2)
+        empty = ~keep  # (b, 1, m, 1)
+        L_aug = _augment(landmarks, "left", empty)  # (b, h, m, d + 2)
         Ps, Qs, Vs, W = [], [], [], None
         for s, e in chunks:
             Q = _token_block(q, mask, s, e, scale)  # (b, h, c, d + 2)
@@ -378,7 +380,7 @@ class _SoftProduct(torch.autograd.Function):
             PV = P @ V
             W = PV if W is None else W.add_(PV)  # (b, h, m, d)
             Ps.append(P), Qs.append(Q), Vs.append(V)
-        A = _landmark_matrix(landmarks, ~keep, ridge if inverse == "solve" else 0.0)  # (b, h, m, m)
+        A = _landmark_matrix(L_aug, landmarks, empty, ridge if inverse == "solve" else 0.0)  # (b, h, m, m)
         if inverse == "newton" and not any(ctx.needs_input_grad[:3]):
             factor, Y = None, _newton_apply(A, W, iters, init, nonnegative=True)  # inference: half the products
         elif inverse == "newton":
