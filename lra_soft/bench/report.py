@@ -10,16 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lra_soft import allocator
+from lra_soft.checkpoint import atomic_write_bytes
 
 # Columns of the Markdown table: (row key, header, format).
 ATTENTION_COLUMNS = [
@@ -106,20 +105,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(result: dict[str, Any], path: Path) -> None:
-    _atomic_write(path, (json.dumps(result, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(result, indent=2, default=str) + "\n").encode())
 
 
 def write_csv(result: dict[str, Any], path: Path) -> None:
@@ -130,7 +117,7 @@ def write_csv(result: dict[str, Any], path: Path) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
-    _atomic_write(path, buf.getvalue().encode())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def plot(result: dict[str, Any], path: Path, title: str | None = None) -> None:
@@ -183,7 +170,7 @@ def plot(result: dict[str, Any], path: Path, title: str | None = None) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def save(result: dict[str, Any], out_dir: Path, stem: str = "bench", command: str | None = None) -> list[Path]:
@@ -196,6 +183,6 @@ def save(result: dict[str, Any], out_dir: Path, stem: str = "bench", command: st
     env = result.get("environment", {})
     head += (f"Commit {env.get('commit')}, torch {env.get('torch')}, {env.get('cuda') or env.get('cpu')}, "
              f"{env.get('threads')} threads.\n\n" if env else "")
-    _atomic_write(paths[2], (head + markdown_table(result)).encode())
+    atomic_write_bytes(paths[2], (head + markdown_table(result)).encode())
     plot(result, paths[3])
     return paths
