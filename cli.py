@@ -153,7 +153,12 @@ def train(
     pad_to: Annotated[Optional[int], typer.Option(help="Pad batches to this length (0 = longest).")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (task default).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout (task default: 0.1).")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="mean | mean_padded | cls (default: mean).")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="mean | mean_padded | cls (protocol's).")] = None,
+    protocol: Annotated[str, typer.Option(help="paper (the Table 6 harness, exactly) | clean (our fixes); see "
+                                               "docs/protocols.md.")] = "paper",
+    precision: Annotated[Optional[str], typer.Option(help="CUDA autocast: fp16 (+ GradScaler) | bf16 | fp32 "
+                                                          "(protocol's: paper fp16, clean bf16); CPU runs fp32.")
+                         ] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run directory [runs/TASK-ATTN[-OPTIONS]-seedN].")] = None,
@@ -167,27 +172,39 @@ def train(
     import tasks
 
     from lra_soft import distributed as D
+    from lra_soft import protocol as P
     from lra_soft.checkpoint import CheckpointError
     from lra_soft.train import TrainingDiverged, fit, resolve_configs
 
     try:
         module = tasks.get_task(task)
+        proto = P.get_protocol(protocol, task)
         options = _parse_options(option, "--option")
-        D.init_distributed(device)
-        data, manifest = _task_data(task, source, data_dir, _parse_options(data_option, "--data-option"), progress)
+        overrides = dict(attention=attn, attention_options=options, pooling=pooling, dropout=dropout, steps=steps,
+                         batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches,
+                         pad_to=pad_to, warmup=warmup, seed=seed, precision=precision)
+        # The options alone, before any data is touched: errors and the comparability line come first.
+        model_cfg, train_cfg = resolve_configs(module.MODEL, module.TRAIN, protocol=proto, max_len=max_len,
+                                               **overrides)
+        info = D.init_distributed(device)
+        diffs = P.differences(task, model_cfg, train_cfg, task_model=module.MODEL, task_train=module.TRAIN,
+                              device=info.device.type)
+        if D.is_main():
+            typer.echo(P.verdict(protocol, task, attn, diffs, data_checked=False))
+        data, manifest = _task_data(task, source, data_dir,
+                                    {**proto.data_options, **_parse_options(data_option, "--data-option")}, progress)
         model_cfg, train_cfg = resolve_configs(
-            module.MODEL, module.TRAIN, attention=attn, attention_options={**module.MODEL.attention_options,
-                                                                           **options},
-            max_len=max_len or manifest.get("max_len"), vocab_size=manifest["vocab_size"],
-            num_classes=manifest["num_classes"], steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every,
-            eval_batches=eval_batches, pad_to=pad_to, warmup=warmup, seed=seed)
-        if dropout is not None or pooling is not None:
-            from dataclasses import replace
-            model_cfg = replace(model_cfg, **{k: v for k, v in dict(dropout=dropout, pooling=pooling).items()
-                                              if v is not None})
+            module.MODEL, module.TRAIN, protocol=proto, max_len=max_len or manifest.get("max_len"),
+            vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"], **overrides)
+        data_diffs = P.differences(task, model_cfg, train_cfg, task_model=module.MODEL, task_train=module.TRAIN,
+                                   device=info.device.type, counts=manifest.get("counts"),
+                                   data_options=manifest.get("options"))
+        if D.is_main() and data_diffs != diffs:
+            typer.echo(P.verdict(protocol, task, attn, data_diffs, data_checked=True))
         tag = "".join(f"-{k}={v}" for k, v in sorted(options.items()))
-        run_dir = out or Path("runs") / f"{task}-{attn}{tag}-seed{seed}"
-        results = fit(task, model_cfg, train_cfg, data, run_dir, device=device, resume=resume, progress=progress)
+        run_dir = out or Path("runs") / f"{task}-{attn}{tag}-{protocol}-seed{seed}"
+        results = fit(task, model_cfg, train_cfg, data, run_dir, device=device, resume=resume, progress=progress,
+                      differences=data_diffs)
     except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, TrainingDiverged) as e:
         D.cleanup()
         _fail(e)

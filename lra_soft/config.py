@@ -1,9 +1,10 @@
 """Frozen run configurations for the LRA encoder and its training loop.
 
-Defaults are the 2-layer LRA protocol that the SOFT paper follows (Section 4.5: "We follow the configurations of [39],
-with 2 layers, 64 and 128 hidden dimension respectively, and 2 attention heads"), i.e. the Nystromformer PyTorch
-harness (``LRA/code/lra_config.py``). Each task module in ``tasks/`` overrides what differs per task with
-``dataclasses.replace``; the CLI overrides the rest; the resolved pair is saved as ``config.json`` with every run.
+Defaults are the 2-layer LRA model and optimizer that the SOFT paper follows (Section 4.5: "We follow the
+configurations of [39], with 2 layers, 64 and 128 hidden dimension respectively, and 2 attention heads"), i.e. the
+Nystromformer PyTorch harness (``LRA/code/lra_config.py``). Each task module in ``tasks/`` overrides what differs per
+task with ``dataclasses.replace``; a protocol (``lra_soft.protocol``: pooling, padding, beta1, precision) comes next;
+the CLI overrides the rest; the resolved pair is saved as ``config.json`` with every run.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class EncoderConfig:
     attention_options: dict[str, Any] = field(default_factory=dict)  # passed to the attention constructor
     pooling: str = "mean"           # "mean" over valid tokens; "mean_padded" = harness (divides by padded length); "cls"
     pair: bool = False              # retrieval: one shared encoder for two documents, head on [x1, x2, x1*x2, x1-x2]
+    attention_fp32: bool = False    # run each attention outside autocast in float32 (the harness, under fp16 AMP)
 
 
 @dataclass(frozen=True)
@@ -40,3 +42,7 @@ class TrainConfig:
     eval_batches: int = 0           # dev batches per evaluation; 0 = the whole dev split
     seed: int = 0
     pad_to: int = 0                 # 0 pads each batch to its longest sequence; >0 pads every batch to this length
+    beta1_cycle: tuple[float, float] | None = None  # (max, base): Adam beta1 cycled max -> base -> max with the lr
+    #                                                 (OneCycleLR cycle_momentum); None keeps beta1 at 0.9
+    precision: str = "bf16"         # CUDA autocast: "fp16" (with a GradScaler), "bf16" or "fp32"; CPU is always fp32
+    protocol: str = "none"          # the named protocol (lra_soft.protocol) the run started from, for the record

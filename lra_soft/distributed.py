@@ -111,11 +111,18 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (no loss scaling needed for bf16); full float32 on CPU, where bf16 is slow and lossy."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: bool | str = True):
+    """Mixed precision on CUDA: ``"bf16"`` (or True), ``"fp16"`` (pair it with ``grad_scaler``), ``"fp32"`` (or
+    False) = none. Full float32 on CPU whatever is asked, where bf16 is slow and lossy."""
+    dtype = {True: torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is not None and device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, precision: bool | str) -> torch.amp.GradScaler:
+    """fp16 on CUDA needs loss scaling (the harness's GradScaler); a disabled scaler elsewhere is a no-op."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
 
 
 def cleanup() -> None:

@@ -7,7 +7,8 @@ layers, 64 and 128 hidden dimension respectively, and 2 attention heads"), i.e. 
     -> final LayerNorm, padded rows zeroed -> pooling -> head (Linear-ReLU-Linear)
 
 Any registered attention fits (``lra_soft.attention.build_attention``); each applies dropout to its own output, as the
-harness's ``dropout(Attn(...))`` does. Pooling: "mean" averages over real tokens; "mean_padded" is the harness's
+harness's ``dropout(Attn(...))`` does. With ``attention_fp32`` the attention runs outside autocast in float32, as the
+harness's does under fp16 AMP (there only the core is float32; the projections are too here). Pooling: "mean" averages over real tokens; "mean_padded" is the harness's
 ``mean(dim=1)`` over all positions (sum / padded length, so the padded length scales the logits, lra-data pitfall 8);
 "cls" prepends a learned CLS vector and reads it out. Retrieval (``pair=True``) encodes both documents with the same
 weights and classifies ``[x1, x2, x1*x2, x1-x2]`` (the harness's SCHeadDual).
@@ -52,9 +53,14 @@ class Block(nn.Module):
                                     **cfg.attention_options)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = MLP(cfg.dim, cfg.mlp_dim, cfg.dropout)
+        self.attention_fp32 = cfg.attention_fp32
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+        if self.attention_fp32:  # the harness: attention in float32 even under fp16 autocast
+            with torch.autocast(x.device.type, enabled=False):
+                x = x + self.attn(self.norm1(x).float(), mask)
+        else:
+            x = x + self.attn(self.norm1(x), mask)
         return x + self.mlp(self.norm2(x))  # (b, n, c)
 
 

@@ -1,9 +1,10 @@
 """Training and evaluation of the LRA encoder, following the Nystromformer PyTorch harness that SOFT's Table 6 uses
-(paper Section 4.5), with the harness's known pitfalls fixed (``/work/shared/docs/lra-data.md`` section 6):
+(paper Section 4.5), with the harness's known pitfalls fixed (docs/data.md, pitfalls):
 
 - AdamW (betas 0.9/0.999, eps 1e-6, weight decay 0) and the harness's one-cycle learning rate with linear phases:
-  lr/25 -> lr over ``warmup`` steps, then linearly down to lr/25e4 at the last step. (The harness's ``OneCycleLR``
-  also cycles Adam's beta1 by default; we keep beta1 fixed at 0.9.)
+  lr/25 -> lr over ``warmup`` steps, then linearly down to lr/25e4 at the last step; with ``beta1_cycle`` Adam's
+  beta1 follows the harness's ``OneCycleLR(cycle_momentum=True)``: 0.95 -> 0.85 at the peak -> 0.95.
+- Precision on CUDA from ``TrainConfig.precision``: fp16 autocast with a GradScaler (the harness), bf16, or fp32.
 - Model selection on the dev split (best dev accuracy; the whole dev split unless ``eval_batches`` is set); that
   checkpoint is then evaluated on the FULL test split (the harness drops the last test batch, pitfall 9).
 - Runs are trustworthy: ``last.pt`` holds model, optimizer, scheduler, every process's RNG states and the data
@@ -36,6 +37,8 @@ from lra_soft.checkpoint import (CheckpointError, atomic_write_text, capture_rng
                                  restore_rng_state, save_checkpoint)
 from lra_soft.config import EncoderConfig, TrainConfig
 from lra_soft.encoder import build_model
+from lra_soft.protocol import PRECISIONS, Protocol
+from lra_soft.protocol import apply as apply_protocol
 
 INPUTS = ("input_ids", "mask", "input_ids2", "mask2")
 
@@ -58,6 +61,15 @@ class TaskData:
 
 # --------------------------------------------------------------------------------------------------- pure helpers
 
+def _one_cycle(step: int, steps: int, warmup: int) -> tuple[bool, float]:
+    """(in warmup, fraction of the phase done) at optimizer step ``step`` of OneCycleLR's two linear phases: the
+    first ends at step ``warmup - 1`` (pct_start * total_steps - 1), the second at step ``steps - 1``."""
+    peak = min(warmup, steps) - 1
+    if step <= peak:
+        return True, step / max(peak, 1)
+    return False, min(step - peak, steps - 1 - peak) / max(steps - 1 - peak, 1)
+
+
 def lr_factor(step: int, steps: int, warmup: int, div: float = 25.0, final_div: float = 1e4) -> float:
     """The harness's ``OneCycleLR(anneal_strategy="linear")`` as a multiple of the peak lr at optimizer step ``step``:
     lr/25 rising linearly to the peak at step ``warmup - 1``, then falling linearly to lr/25e4 at step ``steps - 1``.
@@ -65,25 +77,55 @@ def lr_factor(step: int, steps: int, warmup: int, div: float = 25.0, final_div: 
     Written out rather than calling ``OneCycleLR`` so that runs shorter than the task's warmup (``--steps 3``) stay
     well defined: the warmup is then the whole run."""
     start, end = 1.0 / div, 1.0 / (div * final_div)
-    peak = min(warmup, steps) - 1  # OneCycleLR's end of phase one: pct_start * total_steps - 1
-    if step <= peak:
-        return start + (1.0 - start) * step / max(peak, 1)
-    return 1.0 + (end - 1.0) * min(step - peak, steps - 1 - peak) / max(steps - 1 - peak, 1)
+    warming, pct = _one_cycle(step, steps, warmup)
+    return start + (1.0 - start) * pct if warming else 1.0 + (end - 1.0) * pct
 
 
-def resolve_configs(model: EncoderConfig, train: TrainConfig, *, attention: str | None = None,
-                    attention_options: dict[str, Any] | None = None, max_len: int | None = None,
-                    vocab_size: int | None = None, num_classes: int | None = None, **train_overrides: Any
+def beta1_at(step: int, steps: int, warmup: int, cycle: tuple[float, float]) -> float:
+    """OneCycleLR's ``cycle_momentum`` for Adam: beta1 = max at step 0, falling linearly to base at the peak lr
+    (step ``warmup - 1``), rising back to max at step ``steps - 1``; ``cycle`` = (max, base), harness (0.95, 0.85)."""
+    high, low = cycle
+    warming, pct = _one_cycle(step, steps, warmup)
+    return high + (low - high) * pct if warming else low + (high - low) * pct
+
+
+class OneCycle(torch.optim.lr_scheduler.LambdaLR):
+    """``lr_factor`` on every group and, with ``beta1_cycle``, Adam's beta1 from ``beta1_at``: the harness's
+    ``OneCycleLR(anneal_strategy="linear", cycle_momentum=True)``, defined for runs shorter than the warmup too."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int, warmup: int,
+                 beta1_cycle: tuple[float, float] | None = None):
+        self.steps, self.warmup = steps, warmup
+        self.beta1_cycle = tuple(beta1_cycle) if beta1_cycle else None
+        super().__init__(optimizer, partial(lr_factor, steps=steps, warmup=warmup))
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step()
+        if self.beta1_cycle:
+            beta1 = beta1_at(self.last_epoch, self.steps, self.warmup, self.beta1_cycle)
+            for group in self.optimizer.param_groups:
+                group["betas"] = (beta1, group["betas"][1])
+
+
+def resolve_configs(model: EncoderConfig, train: TrainConfig, *, protocol: Protocol | None = None,
+                    attention: str | None = None, attention_options: dict[str, Any] | None = None,
+                    max_len: int | None = None, vocab_size: int | None = None, num_classes: int | None = None,
+                    pooling: str | None = None, dropout: float | None = None, **train_overrides: Any
                     ) -> tuple[EncoderConfig, TrainConfig]:
-    """Task defaults, then the data's vocabulary/classes, then the user's overrides (None = keep the default)."""
+    """Task defaults, then the data's vocabulary/classes, then the protocol, then the user's overrides (None = keep);
+    ``attention_options`` are merged over the task's and the protocol's."""
     model = replace(model, **{k: v for k, v in dict(attention=attention, max_len=max_len, vocab_size=vocab_size,
                                                     num_classes=num_classes).items() if v is not None})
-    if attention_options is not None:
-        model = replace(model, attention_options=dict(attention_options))
+    if protocol is not None:
+        model, train = apply_protocol(protocol, model, train)
+    model = replace(model, attention_options={**model.attention_options, **(attention_options or {})},
+                    **{k: v for k, v in dict(pooling=pooling, dropout=dropout).items() if v is not None})
     train = replace(train, **{k: v for k, v in train_overrides.items() if v is not None})
     if train.steps < 1 or train.batch_size < 1 or train.eval_every < 1:
         raise ValueError(f"steps, batch_size and eval_every must be >= 1, got {train.steps}, {train.batch_size}, "
                          f"{train.eval_every}")
+    if train.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {train.precision!r}")
     return model, train
 
 
@@ -139,7 +181,7 @@ def versions() -> dict[str, str]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, collate: Callable, *, batch_size: int,
-             device: torch.device, max_batches: int = 0, amp: bool = True) -> dict[str, float]:
+             device: torch.device, max_batches: int = 0, precision: str = "bf16") -> dict[str, float]:
     """Accuracy and mean loss over ``dataset`` (every item, in order; the first ``max_batches`` batches if set).
 
     Under torchrun each process takes every world-th item and the counts are summed, so no item is dropped or
@@ -156,7 +198,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, collate: Callable, *, bat
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss * count
     for batch in loader:
         batch = _to(batch, device)
-        with D.autocast(device, amp):
+        with D.autocast(device, precision):
             logits = model(**{k: batch[k] for k in INPUTS if k in batch})
         labels = batch["label"]
         sums += torch.stack([(logits.argmax(-1) == labels).sum().double(), torch.tensor(len(labels), device=device,
@@ -224,8 +266,12 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[torch.nn.Module, dict[
 # --------------------------------------------------------------------------------------------------- training
 
 def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskData, run_dir: str | Path, *,
-        device: str = "auto", resume: bool = False, progress: bool = True, amp: bool = True) -> dict[str, Any]:
-    """Train, select on dev, test the best checkpoint; returns the results.json dict (on every process)."""
+        device: str = "auto", resume: bool = False, progress: bool = True,
+        differences: list[str] | None = None) -> dict[str, Any]:
+    """Train, select on dev, test the best checkpoint; returns the results.json dict (on every process).
+
+    ``differences`` from the paper's Table 6 setting (``lra_soft.protocol.differences``; empty = comparable) go into
+    results.json; None records the run as not checked, hence not comparable."""
     info = D.init_distributed(device)
     dev, world, rank = info.device, info.world_size, info.rank
     run_dir = Path(run_dir)
@@ -246,7 +292,9 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
     torch.manual_seed(train_cfg.seed + rank)
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.999), eps=train_cfg.adam_eps,
                             weight_decay=train_cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, steps=train_cfg.steps, warmup=train_cfg.warmup))
+    sched = OneCycle(opt, train_cfg.steps, train_cfg.warmup, train_cfg.beta1_cycle)
+    precision = train_cfg.precision if dev.type == "cuda" else "fp32"  # what really runs
+    scaler = D.grad_scaler(dev, precision)
     # wall: elapsed seconds of all sessions; train_time/tokens: time inside training steps and real tokens seen
     step, best_acc, best_step, wall, train_time, tokens_seen = 0, -1.0, 0, 0.0, 0.0, 0.0
     if resume:
@@ -260,6 +308,8 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"][rank])
         step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
         wall, train_time, tokens_seen = state["wall"], state["train_time"], state["tokens"]
@@ -296,11 +346,11 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
             tic = time.perf_counter()
             ddp.train()
             batch = _to(batch, dev)
-            with D.autocast(dev, amp):
+            with D.autocast(dev, precision):
                 logits = ddp(**{k: batch[k] for k in INPUTS if k in batch})
             loss = _loss(logits, batch["label"])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             stats = torch.stack([loss.detach().double() * len(logits),
                                  (logits.argmax(-1) == batch["label"]).sum().double(),
                                  torch.tensor(len(logits), dtype=torch.float64, device=dev),
@@ -314,8 +364,10 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
                                        f"stopped and {kept}. Lower --lr or check the data, then --resume or start "
                                        "again")
             if train_cfg.grad_clip:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(ddp.parameters(), train_cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)  # opt.step() unless fp16 gradients overflowed
+            scaler.update()
             sched.step()
             step += 1
             interval += stats
@@ -329,10 +381,11 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
 
             if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
                 dev_metrics = evaluate(model, data.val, collate, batch_size=train_cfg.batch_size, device=dev,
-                                       max_batches=train_cfg.eval_batches, amp=amp)
+                                       max_batches=train_cfg.eval_batches, precision=precision)
                 loss_sum, correct, items, tokens = interval.tolist()
                 row = {"step": step, "loss": loss_sum / items, "acc": correct / items,
-                       "lr": sched.get_last_lr()[0], "tokens_per_s": tokens / interval_time,
+                       "lr": sched.get_last_lr()[0], "beta1": opt.param_groups[0]["betas"][0],
+                       "tokens_per_s": tokens / interval_time,
                        "val_acc": dev_metrics["acc"], "val_loss": dev_metrics["loss"]}
                 interval.zero_()
                 interval_time = 0.0
@@ -350,7 +403,7 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
                     _append_metrics(metrics_path, row)
                     save_checkpoint(last_path, {
                         "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "rng": rngs, "step": step, "best_acc": best_acc, "best_step": best_step, "wall": wall,
+                        "scaler": scaler.state_dict(), "rng": rngs, "step": step, "best_acc": best_acc, "best_step": best_step, "wall": wall,
                         "train_time": train_time, "tokens": tokens_seen,
                         "world_size": world, "config": config, "vocab": data.vocab})
                 D.barrier()
@@ -365,11 +418,13 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
     # The best dev checkpoint, on the whole test split.
     best = load_checkpoint(best_path, map_location=dev, required=("model",))
     model.load_state_dict(best["model"])
-    test = evaluate(model, data.test, collate, batch_size=train_cfg.batch_size, device=dev, amp=amp)
+    test = evaluate(model, data.test, collate, batch_size=train_cfg.batch_size, device=dev, precision=precision)
     wall = wall0 + time.perf_counter() - session_start
     results = {"task": task, "attention": model_cfg.attention, "attention_options": model_cfg.attention_options,
                "test_acc": test["acc"], "test_examples": test["count"], "test_loss": test["loss"],
                "best_val_acc": best_acc, "best_step": best_step, "steps": step, "seed": train_cfg.seed,
+               "protocol": train_cfg.protocol, "precision": precision, "comparable": differences == [],
+               "differences": ["not checked against the paper's setting"] if differences is None else differences,
                "wall_time_s": wall, "train_time_s": train_time, "tokens_per_s": tokens_seen / max(train_time, 1e-9)}
     if info.is_main:
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1) + "\n")

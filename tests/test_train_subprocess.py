@@ -80,7 +80,8 @@ def _free_port() -> int:
 
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path, data_dir):
     # Dropout off: dropout masks are per-process random streams; everything else must agree.
-    args = ("--attn", "softmax", "--steps", "6", "--batch-size", "8", "--eval-every", "3", "--dropout", "0",
+    args = ("--attn", "softmax", "-o", "attn_dropout=0", "--steps", "6", "--batch-size", "8", "--eval-every", "3",
+            "--dropout", "0",
             "--lr", "1e-3", "--warmup", "2")
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_cmd(data_dir, one, *args), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
