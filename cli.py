@@ -161,7 +161,7 @@ def train(
                          ] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Run directory [runs/TASK-ATTN[-OPTIONS]-seedN].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory [runs/TASK-ATTN[-OPTIONS]-PROTOCOL-seedN].")] = None,
     source: Annotated[Optional[Path], typer.Option(help="Raw data (see README, Data); ListOps: generated.")] = None,
     data_dir: Annotated[Path, typer.Option(help="Cache directory of prepared data.")] = Path("data/cache"),
     data_option: Annotated[list[str], typer.Option(help="Task data option key=value (repeatable).")] = [],
@@ -262,7 +262,8 @@ def eval_all(
     runs: Annotated[Path, typer.Option(help="Directory searched for run directories (results.json).")] = Path("runs"),
     out: Annotated[Optional[Path], typer.Option(help="Where eval_all.{md,json,csv} go (default: --runs).")] = None,
 ) -> None:
-    """One table of every run (task x attention): test accuracy, the paper's Table 6 figure, difference, average."""
+    """Runs grouped by experiment (mean, std, n over seeds): comparable ones beside the paper's Table 6, the rest
+    in a second table with their differences."""
     from lra_soft import results as R
     from lra_soft.checkpoint import atomic_write_text
 
@@ -277,7 +278,7 @@ def eval_all(
     typer.echo(table)
     out = out or runs
     atomic_write_text(out / "eval_all.md", table + "\n")
-    atomic_write_text(out / "eval_all.json", R.to_json(rows, found))
+    atomic_write_text(out / "eval_all.json", R.to_json(rows))
     atomic_write_text(out / "eval_all.csv", R.to_csv(rows))
     typer.echo(f"\nwritten: {out / 'eval_all.md'}, {out / 'eval_all.json'}, {out / 'eval_all.csv'}")
 

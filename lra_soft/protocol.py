@@ -154,15 +154,18 @@ def differences(task: str, model: EncoderConfig, train: TrainConfig, *, task_mod
     ours, ref = {**defaults, **model.attention_options}, {**defaults, **ref_model.attention_options}
     diffs += [f"{k}={_fmt(ours.get(k))} (paper {_fmt(ref.get(k))})" for k in sorted(set(ours) | set(ref))
               if ours.get(k) != ref.get(k)]
-    for name in ("dim", "depth", "heads", "mlp_dim", "dropout", "pooling", "max_len", "pair", "attention_fp32"):
+    for name in ("dim", "depth", "heads", "mlp_dim", "dropout", "pooling", "max_len", "pair"):
         if getattr(model, name) != getattr(ref_model, name):
             diffs.append(f"{name} {_fmt(getattr(model, name))} != {_fmt(getattr(ref_model, name))}")
     for name in ("steps", "warmup", "batch_size", "lr", "weight_decay", "adam_eps", "grad_clip", "eval_every",
                  "eval_batches", "pad_to", "beta1_cycle"):
         if getattr(train, name) != getattr(ref_train, name):
             diffs.append(f"{name} {_fmt(getattr(train, name))} != {_fmt(getattr(ref_train, name))}")
-    if device.startswith("cuda") and train.precision != ref_train.precision:
-        diffs.append(f"precision {train.precision} != {ref_train.precision} on CUDA")
+    if device.startswith("cuda"):  # on CPU everything runs in float32 whatever is asked
+        if train.precision != ref_train.precision:
+            diffs.append(f"precision {train.precision} != {ref_train.precision} on CUDA")
+        if model.attention_fp32 != ref_model.attention_fp32:
+            diffs.append(f"attention_fp32 {model.attention_fp32} != {ref_model.attention_fp32} on CUDA")
     if data_options is not None:
         for k, v in PROTOCOLS["paper"][task].data_options.items():
             if data_options.get(k) != v:

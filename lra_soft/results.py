@@ -1,19 +1,26 @@
-"""The eval-all table: every run's test accuracy beside the SOFT paper's Table 6 (Lu et al., NeurIPS 2021, Sec. 4.5).
+"""The eval-all tables: runs grouped by experiment, over seeds, beside the SOFT paper's Table 6 only when comparable.
 
-Table 6 reports test accuracy (%) of the 2-layer LRA protocol of Nystromformer's PyTorch harness on four tasks
-(Pathfinder omitted: "we cannot replicate the result of Nyströmformer"). A run directory is any directory holding
-``results.json`` (and ``config.json``) written by ``lra_soft.train.fit``; several runs of one (task, attention), e.g.
-seeds, are averaged and counted; runs with other attention options (``-o``) get their own row.
+Table 6 (Lu et al., NeurIPS 2021, Sec. 4.5) reports test accuracy (%) of the 2-layer LRA protocol of Nystromformer's
+PyTorch harness on four tasks (Pathfinder omitted: "we cannot replicate the result of Nyströmformer"). A run
+directory is any directory holding ``results.json`` and ``config.json`` written by ``lra_soft.train.fit``.
+
+Runs form one group when everything that defines the experiment is equal: task, attention and its options, protocol,
+model size, pooling, padding, steps, warmup, batch, lr, beta1, precision, evaluation cadence and the data (its
+options, split sizes and tokenizer); only the seed may differ. A group sits beside the paper's figure only when its
+runs are comparable with Table 6 (``lra_soft.protocol.differences`` is empty); every other group goes into a second
+table with its differences listed, so a 2-step fixture run can never look like an LRA result.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
-TABLE6_TASKS = ("listops", "text", "retrieval", "image")
+from lra_soft.protocol import TABLE6_TASKS
+
 # Paper Table 6, test accuracy (%); keys are this toolkit's attention names.
 PAPER_TABLE6: dict[str, dict[str, float]] = {
     "softmax": {"listops": 37.10, "text": 65.02, "retrieval": 79.35, "image": 38.20},    # "Transformer"
@@ -26,47 +33,82 @@ PAPER_TABLE6: dict[str, dict[str, float]] = {
 PAPER_AVERAGE = {"softmax": 54.92, "reformer": 51.47, "linformer": 52.59, "performer": 49.58, "nystrom": 55.95,
                  "soft": 57.39}  # as printed; equals the mean of the four figures up to rounding
 
+MODEL_KEYS = ("dim", "depth", "heads", "mlp_dim", "dropout", "pooling", "max_len", "attention_fp32")
+TRAIN_KEYS = ("protocol", "steps", "warmup", "batch_size", "lr", "weight_decay", "adam_eps", "grad_clip",
+              "eval_every", "eval_batches", "pad_to", "beta1_cycle", "precision")
+CSV_FIELDS = ("comparable", "task", "attention", "options", "protocol", "steps", "batch_size", "lr", "n", "seeds",
+              "mean", "std", "paper", "diff", "differences")
+
 
 def find_runs(root: str | Path) -> list[dict[str, Any]]:
-    """Every results.json under ``root`` (recursively), with its run directory."""
+    """Every run under ``root`` (recursively): its results.json, config.json and directory."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"runs directory {root} does not exist; train first (`cli.py train ...`) or pass "
                                 "--runs DIR")
     runs = []
     for path in sorted(root.rglob("results.json")):
+        config_path = path.parent / "config.json"
         try:
             res = json.loads(path.read_text())
+            config = json.loads(config_path.read_text()) if config_path.exists() else {}
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); delete it or re-run `cli.py eval`") from e
-        runs.append({**res, "run_dir": str(path.parent)})
+            raise ValueError(f"{path.parent} holds a file that is not valid JSON ({e}); delete the run or re-run "
+                             "it") from e
+        runs.append({"results": res, "config": config, "run_dir": str(path.parent)})
     return runs
 
 
+def experiment(run: dict[str, Any]) -> dict[str, Any]:
+    """Everything that defines a run's experiment (all but the seed), as plain JSON values."""
+    res, cfg = run["results"], run["config"]
+    model, train, data = cfg.get("model", {}), cfg.get("train", {}), cfg.get("data", {})
+    return {"task": res["task"], "attention": res["attention"], "options": dict(sorted(
+                (res.get("attention_options") or {}).items())),
+            "protocol": res.get("protocol", train.get("protocol", "none")),
+            **{k: model.get(k) for k in MODEL_KEYS}, **{k: train.get(k) for k in TRAIN_KEYS if k != "protocol"},
+            "precision_used": res.get("precision"),
+            "data": {k: data.get(k) for k in ("counts", "options", "tokenizer_version")}}
+
+
+def _options(options: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (attention, task): mean test accuracy (%) over runs, run count, paper figure and difference."""
-    groups: dict[tuple[str, str, str], list[float]] = {}
-    for r in runs:
-        options = ",".join(f"{k}={v}" for k, v in sorted((r.get("attention_options") or {}).items()))
-        label = f"{r['attention']} ({options})" if options else r["attention"]  # other options = another row
-        groups.setdefault((label, r["task"], r["attention"]), []).append(100.0 * r["test_acc"])
+    """One row per experiment: mean, standard deviation (n - 1; None for one run) and n of test accuracy (%) over
+    seeds; the paper's figure and the difference only for comparable experiments."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(experiment(run), sort_keys=True), []).append(run)
     rows = []
-    for (label, task, attention), accs in sorted(groups.items()):
-        paper = PAPER_TABLE6.get(attention, {}).get(task)
-        ours = sum(accs) / len(accs)
-        rows.append({"attention": label, "task": task, "test_acc": ours, "runs": len(accs), "paper": paper,
-                     "diff": None if paper is None else ours - paper})
-    return rows
+    for key, members in groups.items():
+        exp = json.loads(key)
+        accs = [100.0 * m["results"]["test_acc"] for m in members]
+        comparable = all(m["results"].get("comparable") is True for m in members)
+        diffs = members[0]["results"].get("differences", ["recorded before protocols existed"])
+        paper = PAPER_TABLE6.get(exp["attention"], {}).get(exp["task"]) if comparable else None
+        mean = statistics.fmean(accs)
+        rows.append({"comparable": comparable, "task": exp["task"], "attention": exp["attention"],
+                     "options": _options(exp["options"]), "protocol": exp["protocol"], "steps": exp["steps"],
+                     "batch_size": exp["batch_size"], "lr": exp["lr"], "n": len(accs),
+                     "seeds": sorted(m["results"].get("seed") for m in members), "mean": mean,
+                     "std": statistics.stdev(accs) if len(accs) > 1 else None, "paper": paper,
+                     "diff": None if paper is None else mean - paper, "differences": [] if comparable else diffs,
+                     "experiment": exp, "runs": sorted(m["run_dir"] for m in members)})
+    return sorted(rows, key=lambda r: (not r["comparable"], r["task"], r["attention"], r["options"], r["protocol"],
+                                       r["steps"] or 0))
 
 
 def averages(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per attention: the mean over Table 6's four tasks, only when all four have runs (else None, with the count)."""
+    """Per attention (comparable rows only): the mean over Table 6's four tasks when all four have one."""
     out = {}
-    for attention in sorted({r["attention"] for r in rows}):
-        accs = {r["task"]: r["test_acc"] for r in rows if r["attention"] == attention and r["task"] in TABLE6_TASKS}
-        ours = sum(accs.values()) / 4 if len(accs) == 4 else None
-        paper = PAPER_AVERAGE.get(attention.split(" (")[0])
-        out[attention] = {"test_acc": ours, "tasks": len(accs), "paper": paper,
+    for attention in sorted({r["attention"] for r in rows if r["comparable"]}):
+        accs = {r["task"]: r["mean"] for r in rows if r["comparable"] and r["attention"] == attention
+                and r["task"] in TABLE6_TASKS}
+        ours = statistics.fmean(accs.values()) if len(accs) == len(TABLE6_TASKS) else None
+        paper = PAPER_AVERAGE.get(attention)
+        out[attention] = {"mean": ours, "tasks": len(accs), "paper": paper,
                           "diff": None if ours is None or paper is None else ours - paper}
     return out
 
@@ -75,36 +117,46 @@ def _fmt(x: float | None, sign: bool = False) -> str:
     return "–" if x is None else (f"{x:+.2f}" if sign else f"{x:.2f}")
 
 
+def _acc(row: dict[str, Any]) -> str:
+    return f"{_fmt(row['mean'])} ± {_fmt(row['std'])} (n={row['n']})"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Attention x task table: 'ours (paper, diff)' per cell and the Table 6 average."""
-    tasks = [t for t in (*TABLE6_TASKS, "pathfinder") if any(r["task"] == t for r in rows)]
-    tasks += sorted({r["task"] for r in rows} - set(tasks))
-    avg = averages(rows)
-    lines = ["| attention | " + " | ".join(tasks) + " | average (Table 6 tasks) |",
-             "|---" * (len(tasks) + 2) + "|"]
-    for attention in sorted(avg):
-        cells = []
-        for task in tasks:
-            r = next((r for r in rows if r["attention"] == attention and r["task"] == task), None)
-            cells.append("" if r is None else f"{_fmt(r['test_acc'])} (paper {_fmt(r['paper'])}, "
-                                                 f"{_fmt(r['diff'], sign=True)})" + (f" n={r['runs']}" if r["runs"] > 1
-                                                                                      else ""))
-        a = avg[attention]
-        cells.append(f"{_fmt(a['test_acc'])} (paper {_fmt(a['paper'])}, {_fmt(a['diff'], sign=True)})"
-                     if a["test_acc"] is not None else f"– ({a['tasks']}/4 tasks run)")
-        lines.append(f"| {attention} | " + " | ".join(cells) + " |")
-    lines.append("\nTest accuracy (%) of the best-dev checkpoint on the full test split; paper = SOFT paper Table 6.")
+    """Two tables: comparable experiments beside Table 6 (with the four-task average), then the rest with their
+    differences from the paper's setting."""
+    good, other = [r for r in rows if r["comparable"]], [r for r in rows if not r["comparable"]]
+    lines = ["## Comparable with the paper's Table 6", ""]
+    if good:
+        lines += ["| task | attention | test acc. % (mean ± std, n seeds) | paper | diff |", "|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['attention']} | {_acc(r)} | {_fmt(r['paper'])} | {_fmt(r['diff'], True)} |"
+                  for r in good]
+        avg = {a: v for a, v in averages(rows).items() if v["mean"] is not None}
+        if avg:
+            lines += ["", "| attention | average of the four Table 6 tasks | paper | diff |", "|---|---|---|---|"]
+            lines += [f"| {a} | {_fmt(v['mean'])} | {_fmt(v['paper'])} | {_fmt(v['diff'], True)} |"
+                      for a, v in avg.items()]
+    else:
+        lines.append("No run is in the paper's setting (`--protocol paper` with Table 6's steps, batch, lr, warmup, "
+                     "model, attention options and data).")
+    if other:
+        lines += ["", "## Not comparable with the paper's Table 6", "",
+                  "| task | attention | options | protocol | steps | test acc. % (mean ± std, n seeds) | "
+                  "differences from the paper's setting |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['attention']} | {r['options'] or '–'} | {r['protocol']} | {r['steps']} | "
+                  f"{_acc(r)} | {'; '.join(r['differences'])} |" for r in other]
+    lines.append("\nTest accuracy (%) of the best-dev checkpoint on the full test split; std over seeds (n - 1); "
+                 "paper = SOFT paper Table 6.")
     return "\n".join(lines)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["attention", "task", "test_acc", "runs", "paper", "diff"],
-                            lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    for r in rows:
+        writer.writerow({**r, "seeds": " ".join(map(str, r["seeds"])), "differences": "; ".join(r["differences"])})
     return buf.getvalue()
 
 
-def to_json(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
-    return json.dumps({"rows": rows, "averages": averages(rows), "runs": runs}, indent=1) + "\n"
+def to_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps({"rows": rows, "averages": averages(rows)}, indent=1) + "\n"

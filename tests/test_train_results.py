@@ -9,36 +9,56 @@ from cli import _parse_options, app
 from lra_soft import results as R
 
 
-def _run(root, name, task, attention, acc):
+def _run(root, name, task, attention, acc, seed=0, comparable=True, options=None, steps=5000):
+    """A run directory as fit writes it (the fields eval-all reads)."""
     run = root / name
     run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"task": task, "attention": attention, "test_acc": acc}))
+    differences = [] if comparable else ["steps 200 != 5000"]
+    (run / "results.json").write_text(json.dumps({
+        "task": task, "attention": attention, "attention_options": options or {}, "test_acc": acc, "seed": seed,
+        "protocol": "paper", "precision": "fp32", "comparable": comparable, "differences": differences}))
+    (run / "config.json").write_text(json.dumps({"model": {"dim": 64, "depth": 2}, "train": {
+        "protocol": "paper", "steps": steps, "batch_size": 32, "lr": 1e-4, "seed": seed},
+        "data": {"counts": {"train": 96000, "val": 2000, "test": 2000}}}))
 
 
 def test_table6_figures_average_and_diff(tmp_path):
     accs = {"listops": 0.38, "text": 0.64, "retrieval": 0.80, "image": 0.45}
     for task, acc in accs.items():
         _run(tmp_path, f"{task}-soft", task, "soft", acc)
-    _run(tmp_path, "listops-softmax-s0", "listops", "softmax", 0.30)
-    _run(tmp_path, "listops-softmax-s1", "listops", "softmax", 0.40)
-    (tmp_path / "m64").mkdir()
-    (tmp_path / "m64" / "results.json").write_text(json.dumps({"task": "listops", "attention": "soft", "test_acc": 0.2,
-                                                               "attention_options": {"num_landmarks": 64}}))
+    _run(tmp_path, "listops-softmax-s0", "listops", "softmax", 0.30, seed=0)
+    _run(tmp_path, "listops-softmax-s1", "listops", "softmax", 0.40, seed=1)
+    _run(tmp_path, "m64", "listops", "soft", 0.2, comparable=False, options={"num_landmarks": 64})
     rows = R.summarize(R.find_runs(tmp_path))
     softmax = next(r for r in rows if r["attention"] == "softmax")
-    assert softmax["runs"] == 2 and softmax["test_acc"] == pytest.approx(35.0)
+    assert softmax["n"] == 2 and softmax["seeds"] == [0, 1] and softmax["mean"] == pytest.approx(35.0)
+    assert softmax["std"] == pytest.approx(7.0710678)  # sample standard deviation of 30 and 40
     assert softmax["paper"] == 37.10 and softmax["diff"] == pytest.approx(35.0 - 37.10)
     avg = R.averages(rows)
-    assert avg["soft"]["test_acc"] == pytest.approx(100 * sum(accs.values()) / 4)
+    assert avg["soft"]["mean"] == pytest.approx(100 * sum(accs.values()) / 4)
     assert avg["soft"]["diff"] == pytest.approx(100 * sum(accs.values()) / 4 - 57.39)
-    assert avg["softmax"]["test_acc"] is None and avg["softmax"]["tasks"] == 1  # no average from one task
+    assert avg["softmax"]["mean"] is None and avg["softmax"]["tasks"] == 1  # no average from one task
     for attention, figures in R.PAPER_TABLE6.items():  # the printed averages are the means of the printed figures
         assert sum(figures.values()) / 4 == pytest.approx(R.PAPER_AVERAGE[attention], abs=0.006)
-    m64 = next(r for r in rows if r["attention"] == "soft (num_landmarks=64)")
-    assert m64["runs"] == 1 and m64["paper"] == 37.40 and m64["diff"] == pytest.approx(20.0 - 37.40)
+    m64 = next(r for r in rows if r["options"] == "num_landmarks=64")
+    assert not m64["comparable"] and m64["paper"] is None and m64["diff"] is None
+    assert m64["differences"] == ["steps 200 != 5000"]
     table = R.markdown(rows)
-    assert "| soft | 38.00 (paper 37.40, +0.60)" in table and "35.00 (paper 37.10, -2.10) n=2" in table
-    assert R.to_csv(rows).splitlines()[0] == "attention,task,test_acc,runs,paper,diff"
+    comparable, other = table.split("## Not comparable")
+    assert "| listops | soft | 38.00 ± – (n=1) | 37.40 | +0.60 |" in comparable
+    assert "| listops | softmax | 35.00 ± 7.07 (n=2) | 37.10 | -2.10 |" in comparable
+    assert "| soft | 56.75 | 57.39 | -0.64 |" in comparable
+    assert "20.00" not in comparable and "| num_landmarks=64 | paper | 5000 | 20.00 ± – (n=1) | steps 200" in other
+    assert R.to_csv(rows).splitlines()[0] == ",".join(R.CSV_FIELDS)
+
+
+def test_other_steps_or_options_never_share_a_row(tmp_path):
+    _run(tmp_path, "a", "listops", "soft", 0.3, steps=5000)
+    _run(tmp_path, "b", "listops", "soft", 0.3, steps=4000, comparable=False)
+    _run(tmp_path, "c", "listops", "soft", 0.3, options={"window": 8}, comparable=False)
+    rows = R.summarize(R.find_runs(tmp_path))
+    assert len(rows) == 3 and all(r["n"] == 1 for r in rows)
+    assert [r["comparable"] for r in rows] == [True, False, False]
 
 
 def test_eval_all_errors(tmp_path):

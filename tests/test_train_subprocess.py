@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 def _cmd(data_dir, out, *extra):
     return [sys.executable, "cli.py", "train", "listops", "--source", str(FIXTURES), "--data-dir", str(data_dir),
-            "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+            "--out", str(out), "--device", "cpu", "--no-progress", "--protocol", "clean", *extra]
 
 
 def _rows(run):
