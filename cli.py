@@ -247,7 +247,8 @@ def eval_(
         train_cfg = cfg["train"]
         collate = collate_fn(data.collate, train_cfg["pad_to"], cfg["model"]["max_len"])
         metrics = evaluate(model.to(info.device), getattr(data, split), collate, device=info.device,
-                           batch_size=batch_size or train_cfg["batch_size"])
+                           batch_size=batch_size or train_cfg["batch_size"],
+                           precision=train_cfg.get("precision", "bf16"))
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         D.cleanup()
         _fail(e)

@@ -203,3 +203,9 @@ def test_paper_runs_record_their_protocol_and_eval_all_groups_them(tmp_path):
     assert all(r["paper"] is None and not r["comparable"] for r in table)  # a 2-step run never sits by a paper figure
     assert sorted(r["steps"] for r in table) == [2, 2, 3]
     assert "Not comparable" in out.output and "37.10" not in out.output
+
+
+def test_docs_list_every_change_and_departure():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocols.md").read_text()
+    for what, why in (*P.CLEAN_CHANGES, *P.PAPER_DEPARTURES):
+        assert f"| {what} | {why} |" in doc, what
