@@ -77,12 +77,15 @@ def test_option_parsing():
 
 
 @pytest.mark.gpu
-def test_train_on_cuda_with_bf16(tmp_path):
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])  # fp16 + GradScaler: the paper protocol's on CUDA
+def test_train_on_cuda(tmp_path, precision):
     from pathlib import Path
     fixtures = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "listops"
     out = CliRunner().invoke(app, ["train", "listops", "--attn", "soft", "--source", str(fixtures), "--data-dir",
                                    str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--steps", "3",
-                                   "--batch-size", "4", "--eval-every", "3", "--device", "cuda", "--no-progress"])
+                                   "--batch-size", "4", "--eval-every", "3", "--device", "cuda", "--no-progress",
+                                   "--precision", precision])
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["device"].startswith("cuda")
-    assert torch.isfinite(torch.tensor(json.loads((tmp_path / "run" / "results.json").read_text())["test_loss"]))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["precision"] == precision and torch.isfinite(torch.tensor(results["test_loss"]))
