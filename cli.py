@@ -242,7 +242,7 @@ def eval_(
         data, _ = _task_data(task, source, data_dir, _parse_options(data_option, "--data-option"), progress)
         if list(state["vocab"]) != data.vocab:
             raise ValueError(f"the vocabulary of {checkpoint} differs from the prepared data's; the ids would not "
-                             "mean the same tokens (lra-data pitfall 1). Prepare the data the run was trained on")
+                             "mean the same tokens. Prepare the data the run was trained on")
         model, cfg = model_from_checkpoint(state)
         train_cfg = cfg["train"]
         collate = collate_fn(data.collate, train_cfg["pad_to"], cfg["model"]["max_len"])

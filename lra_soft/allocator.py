@@ -4,7 +4,7 @@ glibc serves every allocation above its mmap threshold (adjusted at run time, bu
 systems) with a fresh `mmap` and unmaps it on free, so each such tensor is page-faulted and zeroed by the kernel again
 every time it is allocated. Long sequences cross that line: at n = 16384 (batch 8, 2 heads, head dim 32) every
 (b, h, n, d) float32 tensor is 32 MiB, and the page faults made SOFT (m = 64) 5.5x slower than at n = 4096 instead of
-4x (175 ms against 32 ms a forward+backward; 114 ms with the tuning below; `docs/bench`, issue 6). Allocating and
+4x (175 ms against 32 ms a forward+backward; 114 ms with the tuning below; `docs/bench`). Allocating and
 filling a fresh 32 MiB tensor took 7.8 ms untuned and 1.8 ms tuned on the development machine.
 
 `keep_freed_memory` raises the mmap threshold (so large blocks come from the heap and are reused) and the trim

@@ -1,12 +1,12 @@
 """Training and evaluation of the LRA encoder, following the Nystromformer PyTorch harness that SOFT's Table 6 uses
-(paper Section 4.5), with the harness's known pitfalls fixed (docs/data.md, pitfalls):
+(paper Section 4.5), with the harness's known pitfalls fixed:
 
 - AdamW (betas 0.9/0.999, eps 1e-6, weight decay 0) and the harness's one-cycle learning rate with linear phases:
   lr/25 -> lr over ``warmup`` steps, then linearly down to lr/25e4 at the last step; with ``beta1_cycle`` Adam's
   beta1 follows the harness's ``OneCycleLR(cycle_momentum=True)``: 0.95 -> 0.85 at the peak -> 0.95.
 - Precision on CUDA from ``TrainConfig.precision``: fp16 autocast with a GradScaler (the harness), bf16, or fp32.
 - Model selection on the dev split (best dev accuracy; the whole dev split unless ``eval_batches`` is set); that
-  checkpoint is then evaluated on the FULL test split (the harness drops the last test batch, pitfall 9).
+  checkpoint is then evaluated on the FULL test split (the harness drops the last test batch).
 - Runs are trustworthy: ``last.pt`` holds model, optimizer, scheduler, every process's RNG states and the data
   position (the step; the order of batches is a pure function of seed and epoch), so a run killed at any moment and
   resumed ends with the same metrics as an uninterrupted one on CPU. A NaN/inf loss stops the run naming the step.

@@ -9,7 +9,7 @@ A prepared cache is one directory per task::
     {split}.tokens2.npy / .offsets2.npy  second document of a pair (retrieval)
 
 Everything is built in a temporary sibling directory and renamed into place only once complete, so an interrupted
-prepare never leaves a directory that looks like a finished cache (issue 3, "Writes are atomic").
+prepare never leaves a directory that looks like a finished cache (writes are atomic).
 Token id 0 is padding in every task and never a real token (pitfall 7).
 """
 from __future__ import annotations

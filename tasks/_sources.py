@@ -1,7 +1,7 @@
 """Library-backed sources shared by Text and Image: Hugging Face (hub, local parquet, save_to_disk) and tfds.
 
 Hub access is checked with one short TCP connection first, so that without network the user gets a clear error
-within seconds (issue 3) instead of minutes of retries. Nothing here runs at import; ``datasets`` and
+within seconds instead of minutes of retries. Nothing here runs at import; ``datasets`` and
 ``tensorflow_datasets`` are imported only when such a source is used.
 """
 from __future__ import annotations

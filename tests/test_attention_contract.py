@@ -1,4 +1,4 @@
-"""The contract every registered attention keeps (issue 2), parametrized over the registry itself.
+"""The contract every registered attention keeps, parametrized over the registry itself.
 
 Each variant is built through ``build_attention`` with its defaults; the variants whose defaults would put a small
 test sequence in a single chunk / landmark / feature block are also built with small options so that the chunked

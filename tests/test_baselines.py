@@ -1,4 +1,4 @@
-"""Every baseline approximation against its exact reference, outputs and gradients (issue 2).
+"""Every baseline approximation against its exact reference, outputs and gradients.
 
 - softmax: SDPA against the manual path, with padding masks.
 - linformer: k = n with identity projections is softmax attention.

@@ -28,7 +28,7 @@ Shapes: b batch, h heads, n tokens, m landmarks, d head dim. Choices this implem
 - Distances, kernels and the inverse run in float32 (float64 for float64 inputs), outside autocast; squared distances
   are clamped at 0. The kernel is one matrix product of augmented vectors [x, -|x|^2/2, 1] . [y, 1, -|y|^2/2] followed
   by one in-place exponential, with a hand-written backward that keeps only the kernel matrix.
-- Speed (issue 6): the n x m work runs in token blocks that stay in cache, where padding and the d^-1/4 scale are
+- Speed: the n x m work runs in token blocks that stay in cache, where padding and the d^-1/4 scale are
   applied too, so no masked or scaled copy of q, v or their gradients is made, and the output keeps the head split's
   memory layout (merging heads is free). Empty landmarks get exactly-zero kernel rows from the augmented vectors
   instead of masking passes over m x m matrices. `inverse="solve"` factors A + ridge I with a blocked Cholesky

@@ -1,4 +1,4 @@
-"""The efficiency targets of issue 6, read from the result files that ``docs/bench/targets.sh`` writes.
+"""The efficiency targets, read from the result files that ``docs/bench/targets.sh`` writes.
 
 Each target is a ratio measured side by side in one run (CPU, forward+backward, batch 8, 2 heads, head dim 32, ratios
 to ``softmax`` = SDPA), so machine load shared by the rows of a run cancels out. The file and row names below are the
@@ -83,6 +83,6 @@ if __name__ == "__main__":
     print(table)
     out = directory / "targets.md"
     tmp = out.with_name(".targets.md.tmp")
-    tmp.write_text("Issue 6 targets, from the result files of `docs/bench/targets.sh` "
+    tmp.write_text("Efficiency targets, from the result files of `docs/bench/targets.sh` "
                    "(`python -m lra_soft.bench.targets docs/bench`).\n\n" + table)
     tmp.replace(out)
