@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lra_soft.attention import attention_options
 from lra_soft.config import EncoderConfig, TrainConfig
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -144,8 +145,6 @@ def differences(task: str, model: EncoderConfig, train: TrainConfig, *, task_mod
         return [f"task {task} is not in Table 6 (the paper reports {', '.join(TABLE6_TASKS)})"]
     if model.attention not in TABLE6_ATTENTIONS:
         return [f"attention {model.attention} is not in Table 6"]
-    from lra_soft.attention import attention_options
-
     ref_model, ref_train = paper_setting(task, model.attention, task_model, task_train)
     diffs = []
     if train.protocol != "paper":

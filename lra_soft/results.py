@@ -34,7 +34,7 @@ PAPER_AVERAGE = {"softmax": 54.92, "reformer": 51.47, "linformer": 52.59, "perfo
                  "soft": 57.39}  # as printed; equals the mean of the four figures up to rounding
 
 MODEL_KEYS = ("dim", "depth", "heads", "mlp_dim", "dropout", "pooling", "max_len", "attention_fp32")
-TRAIN_KEYS = ("protocol", "steps", "warmup", "batch_size", "lr", "weight_decay", "adam_eps", "grad_clip",
+TRAIN_KEYS = ("steps", "warmup", "batch_size", "lr", "weight_decay", "adam_eps", "grad_clip",
               "eval_every", "eval_batches", "pad_to", "beta1_cycle", "precision")
 CSV_FIELDS = ("comparable", "task", "attention", "options", "protocol", "steps", "batch_size", "lr", "n", "seeds",
               "mean", "std", "paper", "diff", "differences")
@@ -66,7 +66,7 @@ def experiment(run: dict[str, Any]) -> dict[str, Any]:
     return {"task": res["task"], "attention": res["attention"], "options": dict(sorted(
                 (res.get("attention_options") or {}).items())),
             "protocol": res.get("protocol", train.get("protocol", "none")),
-            **{k: model.get(k) for k in MODEL_KEYS}, **{k: train.get(k) for k in TRAIN_KEYS if k != "protocol"},
+            **{k: model.get(k) for k in MODEL_KEYS}, **{k: train.get(k) for k in TRAIN_KEYS},
             "precision_used": res.get("precision"),
             "data": {k: data.get(k) for k in ("counts", "options", "tokenizer_version")}}
 

@@ -6,6 +6,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import _parse_options, app
+from lra_soft import protocol as P
 from lra_soft import results as R
 
 
@@ -38,6 +39,7 @@ def test_table6_figures_average_and_diff(tmp_path):
     assert avg["soft"]["mean"] == pytest.approx(100 * sum(accs.values()) / 4)
     assert avg["soft"]["diff"] == pytest.approx(100 * sum(accs.values()) / 4 - 57.39)
     assert avg["softmax"]["mean"] is None and avg["softmax"]["tasks"] == 1  # no average from one task
+    assert set(R.PAPER_TABLE6) == set(P.TABLE6_ATTENTIONS)  # the comparability check knows the same attentions
     for attention, figures in R.PAPER_TABLE6.items():  # the printed averages are the means of the printed figures
         assert sum(figures.values()) / 4 == pytest.approx(R.PAPER_AVERAGE[attention], abs=0.006)
     m64 = next(r for r in rows if r["options"] == "num_landmarks=64")
