@@ -1,4 +1,4 @@
-"""Tiny, format-exact copies of every LRA source layout, for tests and smoke runs (pitfall 22: nothing can be fetched).
+"""Tiny, format-exact copies of every LRA source layout, for tests and smoke runs (docs/pitfalls.md, #1).
 
 Each builder writes one layout under ``root`` and returns the path to pass as ``--source``; the contents are seeded and
 synthetic (a few KB), the bytes follow the real formats. The committed copies under ``data/fixtures/`` are made by

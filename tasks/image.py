@@ -1,16 +1,17 @@
 """Image: grayscale CIFAR-10 classified pixel by pixel, 1,024 tokens a sequence (LRA, Tay et al. 2021).
 
 Split as LRA's ``tfds.load('cifar10')``: train[:90%] / train[90%:] / test (45,000 / 5,000 / 10,000), slicing each
-source in its own order (pitfall 13: tfds orders the train images differently from the batch files and the hub, so
-the 5,000 validation images are LRA's only with ``tfds:cifar10``). Images are flattened row-major.
+source in its own order (docs/pitfalls.md, #3: tfds orders the train images differently from the batch files and
+the hub, so the 5,000 validation images are LRA's only with ``tfds:cifar10``). Images are flattened row-major.
 
-Grayscale (pitfall 14), option ``grayscale``:
+Grayscale (docs/pitfalls.md, #11), option ``grayscale``:
   ``tf`` (default, LRA): ``tf.image.rgb_to_grayscale`` then ``convert_image_dtype`` back to uint8, i.e. in float32
     ``floor((0.2989 R + 0.5870 G + 0.1140 B) / 255 * 255.5)``;
   ``pil``: PIL ``convert("L")`` / torchvision ``Grayscale``, ``(19595 R + 38470 G + 7471 B + 2**15) >> 16``,
     ITU-R 601-2 luma rounded; equal to ``tf`` or one level above it.
-Token id = pixel + ``pixel_offset`` (default 1, vocabulary 257) so black is never the padding id 0 (pitfall 7: the
-reference models mask pixel 0 as padding); ``pixel_offset=0`` reproduces the reference ids (vocabulary 256).
+Token id = pixel + ``pixel_offset`` (default 1, vocabulary 257) so black is never the padding id 0
+(docs/pitfalls.md, #5: the reference models mask pixel 0 as padding); ``pixel_offset=0`` reproduces the reference ids
+(vocabulary 256).
 
 ``cifar-10-batches-py`` holds pickles: they are read with a restricted unpickler that builds only the dict of
 bytes, lists and numpy arrays these files contain, and refuses any other global (an arbitrary pickle can run code).

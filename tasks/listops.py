@@ -4,9 +4,9 @@ Official data: ``lra_release/lra_release/listops-1000/basic_{train,val,test}.tsv
 line ends. Without a source the standard 96,000 / 2,000 / 2,000 set is generated with a seeded port of the official
 generator (``lra_benchmarks/data/listops.py`` of google-research/long-range-arena).
 
-Tokenisation is the post-fix official one (commit ``c209b2a``, pitfall 2): ``]`` becomes ``X``, parentheses are
-dropped, whitespace splits. The vocabulary is fixed and sorted (pitfall 1: the official ids depend on Python's set
-order, so a model restored in a new process saw permuted ids); it is saved in manifest.json.
+Tokenisation is the post-fix official one (commit ``c209b2a``; docs/pitfalls.md, #7): ``]`` becomes ``X``,
+parentheses are dropped, whitespace splits. The vocabulary is fixed and sorted (docs/pitfalls.md, #6: the official ids
+depend on Python's set order, so a model restored in a new process saw permuted ids); it is saved in manifest.json.
 """
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ def write_generated(directory: Path, *, progress: bool = False, **options: Any) 
 # --------------------------------------------------------------------------------------------------- reader
 
 def tokenize(source: str) -> list[str]:
-    """Official tokenisation (pitfall 2): ``]`` -> ``X``, drop ``(`` and ``)``, split on whitespace."""
+    """Official tokenisation (docs/pitfalls.md, #7): ``]`` -> ``X``, drop ``(`` and ``)``, split on whitespace."""
     return source.replace("]", "X").replace("(", "").replace(")", "").split()
 
 

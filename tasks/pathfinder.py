@@ -1,12 +1,13 @@
 """Pathfinder: are the two circles joined by a dashed path? 32x32 images read pixel by pixel (LRA, Tay et al. 2021).
 
 Layout of the LRA release: ``pathfinder{32,64,128,256}/<difficulty>/imgs/<batch>/sample_<i>.png`` (8-bit grayscale)
-and ``metadata/<batch>.npy``, which are plain text despite the suffix (pitfall 16): one line per image, fields
-0 = image folder, 1 = file name, 3 = label. LRA's Pathfinder is pathfinder32 ``curv_contour_length_14`` (hard);
+and ``metadata/<batch>.npy``, which are plain text despite the suffix (docs/pitfalls.md, #13): one line per image,
+fields 0 = image folder, 1 = file name, 3 = label. LRA's Pathfinder is pathfinder32 ``curv_contour_length_14`` (hard);
 Path-X is ``resolution=128`` with the same difficulty (16,384 tokens). Zero-byte PNGs (one is known,
-``pathfinder32/curv_baseline/imgs/0/sample_172.png``, pitfall 15) are skipped, counted and listed in the manifest.
-There is no canonical split (pitfall 13): a seeded 80/10/10 permutation is drawn and written to ``split.json``.
-Token id = pixel + ``pixel_offset`` (default 1) so that the black background is not padding (pitfall 7).
+``pathfinder32/curv_baseline/imgs/0/sample_172.png``; docs/pitfalls.md, #12) are skipped, counted and listed in the
+manifest. There is no canonical split (docs/pitfalls.md, #3): a seeded 80/10/10 permutation is drawn and written to
+``split.json``. Token id = pixel + ``pixel_offset`` (default 1) so that the black background is not padding
+(docs/pitfalls.md, #5).
 """
 from __future__ import annotations
 

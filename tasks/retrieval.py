@@ -2,10 +2,10 @@
 
 Official files ``tsv_data/new_aan_pairs.{train,eval,test}.tsv`` (train 147,086 / eval 18,090 / test 17,437): no header,
 five tab-separated columns ``label, id1, id2, text1, text2``, quotes are literal characters (LRA reads them with
-``use_quote_delim=False``; pitfall 5: quote-aware or header-skipping CSV readers mis-parse or drop the first row).
-Labels are parsed as ``int(float(x))`` (pitfall 21). The texts look like Python bytes reprs (``b'...'``); they are
-encoded as is by default, as the official pipeline and the Nystromformer / xformers / S4 ports do, and
-``decode=true`` evaluates the repr and encodes the bytes it stands for. Encoding: id = byte + 1, the first
+``use_quote_delim=False``; docs/pitfalls.md, #10: quote-aware or header-skipping CSV readers mis-parse or drop the
+first row). Labels are parsed as ``int(float(x))`` (docs/pitfalls.md, #4). The texts look like Python bytes reprs
+(``b'...'``); they are encoded as is by default, as the official pipeline and the Nystromformer / xformers / S4 ports
+do, and ``decode=true`` evaluates the repr and encodes the bytes it stands for. Encoding: id = byte + 1, the first
 ``max_length`` bytes of each document. ``eval`` becomes our ``val`` split.
 """
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Text: byte-level IMDb sentiment (pos/neg), documents cut to 4,000 bytes by default (LRA, Tay et al. 2021).
 
 Encoding is tfds' ``ByteTextEncoder`` as in the official pipeline: UTF-8 bytes, id = byte + 1, pad 0, vocabulary 257.
-The length is an explicit option (pitfall 3): 4000 ("Text 4K", the paper; padded to 4096), while LRA's official config
-used 1000. IMDb has no validation split (pitfall 4): by default a seeded ``val_fraction`` of train is carved off;
-``val=test`` follows LRA and Nystromformer, which select on the test set (then val and test are the same reviews).
+The length is an explicit option (docs/pitfalls.md, #8): 4000 ("Text 4K", the paper; padded to 4096), while LRA's
+official config used 1000. IMDb has no validation split (docs/pitfalls.md, #9): by default a seeded ``val_fraction`` of
+train is carved off; ``val=test`` follows LRA and Nystromformer, which select on the test set (then val and test are
+the same reviews).
 
 Sources (``--source``): the raw ``aclImdb/`` folder; Hugging Face ``hf:stanfordnlp/imdb`` (hub) or a folder of local
 parquet files / a ``save_to_disk`` folder; ``tfds:imdb_reviews`` when tensorflow-datasets is installed. aclImdb
@@ -27,7 +28,7 @@ TOKENIZER_VERSION = "bytes-1"
 LABELS = ("neg", "pos")                       # 0 = neg, 1 = pos in aclImdb, tfds and the hub alike
 
 DEFAULTS = {
-    "max_length": 4000,     # bytes kept per review (pitfall 3); the official LRA config used 1000
+    "max_length": 4000,     # bytes kept per review (docs/pitfalls.md, #8); the official LRA config used 1000
     "val": "split",         # "split": seeded val_fraction of train; "test": LRA's choice, test doubles as val
     "val_fraction": 0.1,    # share of train carved off as val when val="split"
     "seed": 0,              # seed of that carve-out

@@ -19,7 +19,7 @@ FIXTURES = REPO / "data" / "fixtures"
 
 
 def test_registry_matches_names_and_module_contract():
-    """Every task module exposes the contract; MODEL lengths are the harness's powers of two (pitfall 10)."""
+    """Every task module exposes the contract; MODEL lengths are the harness's powers of two (docs/pitfalls.md, #16)."""
     assert list(tasks.TASKS) == ["listops", "text", "retrieval", "image", "pathfinder"]
     assert set(typing.get_args(tasks.TaskName)) == set(tasks.TASKS)
     for name, module in tasks.TASKS.items():
@@ -33,7 +33,7 @@ def test_registry_matches_names_and_module_contract():
 
 
 def test_collate_pads_with_zero_and_masks():
-    """Padding id 0 is masked out; fixed pad_to serves landmark/Linformer variants (pitfalls 7, 10)."""
+    """Padding id 0 is masked out; fixed pad_to serves landmark/Linformer variants (docs/pitfalls.md, #5, #16)."""
     items = [{"input_ids": torch.tensor([3, 4, 5]), "label": torch.tensor(1)},
              {"input_ids": torch.tensor([7]), "label": torch.tensor(0)}]
     batch = collate(items)
@@ -52,7 +52,7 @@ def test_collate_pads_with_zero_and_masks():
 
 
 def test_manifest_keys_and_memory_mapped_arrays(tmp_path):
-    """manifest.json has the agreed keys and source hashes; arrays open memory-mapped (pitfall 13)."""
+    """manifest.json has the agreed keys and source hashes; arrays open memory-mapped (docs/pitfalls.md, #2)."""
     cache = tasks.prepare("retrieval", aan_tsv(tmp_path), tmp_path / "cache", progress=False)
     m = read_manifest(cache)
     for key in ("task", "sources", "counts", "vocab", "vocab_size", "num_classes", "max_len", "tokenizer_version",
@@ -67,7 +67,7 @@ def test_manifest_keys_and_memory_mapped_arrays(tmp_path):
 
 
 def test_stale_cache_is_rebuilt_when_source_or_options_change(tmp_path):
-    """A cache is reused only while source, options and tokenizer version match (pitfalls 2, 3)."""
+    """A cache is reused only while source, options and tokenizer version match (docs/pitfalls.md, #2)."""
     src = listops_tsv(tmp_path / "src")
     cache = tasks.prepare("listops", src, tmp_path, progress=False)
     stamp = (cache / "manifest.json").stat().st_mtime_ns
@@ -140,7 +140,7 @@ def test_load_errors_and_option_errors(tmp_path):
 
 
 def test_dataset_pickles_for_dataloader_workers(tmp_path):
-    """Datasets pickle into DataLoader workers and give every example of the split (pitfall 9)."""
+    """Datasets pickle into DataLoader workers and give every example of the split (docs/pitfalls.md, #15)."""
     import pickle
     cache = tasks.prepare("retrieval", aan_tsv(tmp_path), tmp_path / "c", progress=False)
     ds = tasks.load("retrieval", cache, "test")

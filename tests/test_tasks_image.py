@@ -22,7 +22,7 @@ def all_tokens(cache):
 
 
 def test_python_and_binary_batches_agree_with_official_split(tmp_path):
-    """Official split train[:90%] / train[90%:] / test, in source order (pitfall 13, 20: read the raw files)."""
+    """Official split train[:90%] / train[90%:] / test, in source order (docs/pitfalls.md, #3: raw files)."""
     cifar_python(tmp_path / "py")
     cifar_binary(tmp_path / "bin")
     a = tasks.prepare("image", tmp_path / "py", tmp_path / "ca", progress=False)
@@ -39,7 +39,7 @@ def test_python_and_binary_batches_agree_with_official_split(tmp_path):
 
 
 def test_grayscale_formulas():
-    """Pitfall 14: 'pil' is PIL's convert('L') exactly; 'tf' (LRA) is equal or one level below it."""
+    """docs/pitfalls.md, #11: 'pil' is PIL's convert('L') exactly; 'tf' (LRA) is equal or one level below it."""
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     pil = np.asarray(Image.fromarray(rgb, "RGB").convert("L"))
@@ -54,7 +54,7 @@ def test_grayscale_formulas():
 
 
 def test_pixel_offset_keeps_black_off_padding(tmp_path):
-    """Pitfall 7: black pixels get id 1 by default; pixel_offset=0 reproduces the reference ids (vocab 256)."""
+    """docs/pitfalls.md, #5: black pixels get id 1 by default; pixel_offset=0 gives the reference ids (vocab 256)."""
     cifar_binary(tmp_path)
     path = tmp_path / "cifar-10-batches-bin" / "test_batch.bin"
     records = np.fromfile(path, np.uint8).reshape(-1, 3073)
@@ -88,7 +88,7 @@ def test_malicious_pickle_is_refused(tmp_path):
 
 
 def test_binary_truncated_and_label_out_of_range(tmp_path):
-    """Truncated binary batches and labels outside 0..9 name the file (pitfall 21)."""
+    """Truncated binary batches and labels outside 0..9 name the file (docs/pitfalls.md, #4)."""
     root = cifar_binary(tmp_path)
     path = root / "data_batch_2.bin"
     data = bytearray(path.read_bytes())
@@ -104,7 +104,7 @@ def test_binary_truncated_and_label_out_of_range(tmp_path):
 
 
 def test_parquet_matches_batches_and_hub_fails_fast_offline(tmp_path, monkeypatch):
-    """Hub-layout parquet reads to the same tokens; the hub fails within seconds offline (pitfall 22)."""
+    """Hub-layout parquet reads to the same tokens; the hub fails within seconds offline (docs/pitfalls.md, #1)."""
     cifar_python(tmp_path / "py")
     a = tasks.prepare("image", tmp_path / "py", tmp_path / "ca", progress=False)
     pq = cifar_parquet(tmp_path / "pq")
@@ -118,7 +118,7 @@ def test_parquet_matches_batches_and_hub_fails_fast_offline(tmp_path, monkeypatc
 
 
 def test_tfds_absence_is_reported(tmp_path):
-    """Without tensorflow-datasets a tfds: source says what to install (pitfall 22)."""
+    """Without tensorflow-datasets a tfds: source says what to install (docs/pitfalls.md, #1)."""
     try:
         import tensorflow_datasets  # noqa: F401
         pytest.skip("tensorflow_datasets is installed here")

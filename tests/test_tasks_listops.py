@@ -53,7 +53,7 @@ def test_generator_length_bounds_token_count_and_labels():
 
 
 def test_generator_short_trees_match_reference_and_med_truncates():
-    """MED of an even count truncates the mean as int(np.median) does (pitfall 21: labels are plain ints)."""
+    """MED of an even count truncates the mean as int(np.median) does (docs/pitfalls.md, #4)."""
     rows = listops.generate(300, seed=11, min_length=1, max_length=80)
     assert all(label == reference_value(s) for s, label in rows)
     assert {label for _, label in rows} == set(range(10))
@@ -65,7 +65,7 @@ def test_generator_short_trees_match_reference_and_med_truncates():
 
 
 def test_same_seed_gives_identical_files_crlf_and_header(tmp_path):
-    """Pitfall 13: the official generator has no seed; ours regenerates byte for byte."""
+    """docs/pitfalls.md, #3: the official generator has no seed; ours regenerates byte for byte."""
     opts = dict(seed=5, num_train=20, num_val=5, num_test=5, min_length=20, max_length=200)
     a = listops.write_generated(tmp_path / "a", **opts)
     b = listops.write_generated(tmp_path / "b", **opts)
@@ -83,7 +83,7 @@ def test_same_seed_gives_identical_files_crlf_and_header(tmp_path):
 
 
 def test_official_tokenisation_and_fixed_vocabulary():
-    """Pitfall 2 (']' -> 'X', parentheses dropped, never a \\W splitter) and pitfall 1 (fixed, sorted ids)."""
+    """docs/pitfalls.md, #7 (']' -> 'X', parentheses dropped, never a \\W splitter) and #6 (fixed, sorted ids)."""
     source = "( ( ( ( [MIN ( ( ( [MIN 8 ) 6 ) ] ) ) 1 ) 9 ) ] )"  # the doc's generator sample, label 1
     tokens = listops.tokenize(source)
     assert tokens == ["[MIN", "[MIN", "8", "6", "X", "1", "9", "X"]
@@ -95,7 +95,7 @@ def test_official_tokenisation_and_fixed_vocabulary():
 
 
 def test_reads_official_layout_and_tokens_are_the_vocab_ids(tmp_path):
-    """The nested lra_release/lra_release/listops-1000 layout reads; ids follow the fixed vocabulary (pitfall 1)."""
+    """The lra_release/lra_release/listops-1000 layout reads; ids follow the fixed vocabulary (docs/pitfalls.md, #6)."""
     root = listops_tsv(tmp_path / "lra_release" / "lra_release" / "listops-1000")
     cache = tasks.prepare("listops", tmp_path, tmp_path / "cache", progress=False)
     manifest = read_manifest(cache)
@@ -110,7 +110,7 @@ def test_reads_official_layout_and_tokens_are_the_vocab_ids(tmp_path):
 
 
 def test_vocabulary_ids_do_not_depend_on_the_data(tmp_path):
-    """Pitfall 1: official ids come from a hash-ordered set of the tokens seen; ours are one fixed, sorted list."""
+    """docs/pitfalls.md, #6: official ids follow a hash-ordered set of the tokens seen; ours are one sorted list."""
     a = tasks.prepare("listops", listops_tsv(tmp_path / "a"), tmp_path / "ca", progress=False)
     root = tmp_path / "b"
     root.mkdir()
@@ -131,7 +131,7 @@ def test_vocabulary_ids_do_not_depend_on_the_data(tmp_path):
     ("( ( [FIRST 1 ) 2 ) ] )\t1", "unknown token(s) ['[FIRST']"),
 ])
 def test_malformed_lines_name_file_line_and_show_it(tmp_path, line, message):
-    """A malformed line names file and line and shows it; no cache is left behind (pitfall 2: no silent token loss)."""
+    """A malformed line names file and line and shows it; no cache is left behind (no silent token loss)."""
     root = listops_tsv(tmp_path / "src")
     path = root / "basic_test.tsv"
     lines = path.read_bytes().split(b"\r\n")
@@ -144,7 +144,7 @@ def test_malformed_lines_name_file_line_and_show_it(tmp_path, line, message):
 
 
 def test_header_missing_empty_split_and_missing_source(tmp_path):
-    """A missing header, an empty split or a missing source each fail with what to do (pitfall 22)."""
+    """A missing header, an empty split or a missing source each fail with what to do (docs/pitfalls.md, #1)."""
     root = listops_tsv(tmp_path / "src")
     val = root / "basic_val.tsv"
     val.write_bytes(val.read_bytes().split(b"\r\n", 1)[1])
@@ -160,7 +160,7 @@ def test_header_missing_empty_split_and_missing_source(tmp_path):
 
 
 def test_generated_default_cache_is_reused_and_rebuilt_on_new_options(tmp_path):
-    """The generated set is made once per seed/options and rebuilt when they change (pitfall 13)."""
+    """The generated set is made once per seed/options and rebuilt when they change (docs/pitfalls.md, #3)."""
     small = dict(num_train=12, num_val=4, num_test=4, min_length=10, max_length=60)
     cache = tasks.prepare("listops", None, tmp_path, progress=False, **small)
     manifest = read_manifest(cache)

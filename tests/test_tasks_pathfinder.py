@@ -14,7 +14,7 @@ HARD = "pathfinder32/curv_contour_length_14"
 
 
 def test_reads_tree_skips_empty_png_and_writes_split(tmp_path):
-    """Pitfalls 15 (zero-byte PNG), 16 (metadata .npy is text), 13 (seeded split on disk)."""
+    """docs/pitfalls.md, #12 (zero-byte PNG), #13 (metadata .npy is text), #3 (seeded split on disk)."""
     pathfinder_tree(tmp_path / "lra_release" / "lra_release")
     cache = tasks.prepare("pathfinder", tmp_path, tmp_path / "c", progress=False)
     m = read_manifest(cache)
@@ -29,7 +29,7 @@ def test_reads_tree_skips_empty_png_and_writes_split(tmp_path):
     root = tmp_path / "lra_release" / "lra_release" / HARD
     item = tasks.load("pathfinder", cache, "val")[0]
     pixels = np.asarray(Image.open(root / split["val"][0])).reshape(-1).astype(np.int64)
-    assert item["input_ids"].tolist() == (pixels + 1).tolist()  # pitfall 7: background 0 -> id 1
+    assert item["input_ids"].tolist() == (pixels + 1).tolist()  # docs/pitfalls.md, #5: background 0 -> id 1
     meta = {f"{f[0]}/{f[1]}": int(f[3]) for b in ("0", "2", "10")
             for f in map(str.split, (root / "metadata" / f"{b}.npy").read_text().splitlines())}
     for name in ("train", "val", "test"):
@@ -39,7 +39,7 @@ def test_reads_tree_skips_empty_png_and_writes_split(tmp_path):
 
 
 def test_split_is_seeded(tmp_path):
-    """The same seed gives the same split, another seed another one (pitfall 13)."""
+    """The same seed gives the same split, another seed another one (docs/pitfalls.md, #3)."""
     pathfinder_tree(tmp_path)
     a = json.loads((tasks.prepare("pathfinder", tmp_path, tmp_path / "a", progress=False) / "split.json").read_text())
     b = json.loads((tasks.prepare("pathfinder", tmp_path, tmp_path / "b", progress=False) / "split.json").read_text())
@@ -76,7 +76,7 @@ def test_layouts_difficulty_and_resolution(tmp_path):
     ("short", "metadata/2.npy:4: expected at least 4 space-separated fields"),
 ])
 def test_errors_name_the_image_or_metadata_line(tmp_path, problem, message):
-    """Unreadable or missing images and bad metadata lines name the file and line (pitfalls 15, 16)."""
+    """Unreadable or missing images and bad metadata lines name the file and line (docs/pitfalls.md, #12, #13)."""
     pathfinder_tree(tmp_path)
     root = tmp_path / HARD
     png, meta = root / "imgs" / "2" / "sample_3.png", root / "metadata" / "2.npy"
@@ -97,7 +97,7 @@ def test_errors_name_the_image_or_metadata_line(tmp_path, problem, message):
 
 
 def test_empty_split_and_no_metadata(tmp_path):
-    """Too few images for a split, or no metadata, fail clearly (pitfall 16)."""
+    """Too few images for a split, or no metadata, fail clearly (docs/pitfalls.md, #13)."""
     pathfinder_tree(tmp_path, batches=("0",), per_batch=3, empty=("0", 0))
     with pytest.raises(DataError, match=r"empty split\(s\) \['val', 'test'\]"):
         tasks.prepare("pathfinder", tmp_path, tmp_path / "c", progress=False)

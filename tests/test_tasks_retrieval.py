@@ -11,7 +11,7 @@ from tasks.fixtures import aan_tsv
 
 
 def test_reads_every_row_with_literal_quotes_and_repr_text(tmp_path):
-    """Pitfall 5: no header (the first row is data) and quotes are characters, not CSV quoting."""
+    """docs/pitfalls.md, #10: no header (the first row is data) and quotes are characters, not CSV quoting."""
     root = aan_tsv(tmp_path / "lra_release" / "lra_release")
     cache = tasks.prepare("retrieval", tmp_path, tmp_path / "c", progress=False)
     m = read_manifest(cache)
@@ -26,7 +26,7 @@ def test_reads_every_row_with_literal_quotes_and_repr_text(tmp_path):
 
 
 def test_decode_option_and_truncation(tmp_path):
-    """decode=true evaluates the b'...' literal; documents keep their first max_length bytes (pitfall 5)."""
+    """decode=true evaluates the b'...' literal; documents keep their first max_length bytes (docs/pitfalls.md, #10)."""
     root = aan_tsv(tmp_path)
     cache = tasks.prepare("retrieval", root, tmp_path / "c", progress=False, decode=True, max_length=30)
     first = (root / "new_aan_pairs.eval.tsv").read_bytes().split(b"\n")[0].split(b"\t")
@@ -38,7 +38,7 @@ def test_decode_option_and_truncation(tmp_path):
 
 
 def test_float_labels_and_crlf(tmp_path):
-    """Pitfall 21: labels may be float text; parse as int(float(x))."""
+    """docs/pitfalls.md, #4: labels may be float text; parse as int(float(x))."""
     root = aan_tsv(tmp_path)
     path = root / "new_aan_pairs.test.tsv"
     lines = path.read_bytes().split(b"\n")
@@ -55,7 +55,7 @@ def test_float_labels_and_crlf(tmp_path):
     (lambda f: [b"yes"] + f[1:], "label b'yes' is not a number"),
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, edit, message):
-    """Wrong column counts and labels name file and line (pitfalls 5, 21)."""
+    """Wrong column counts and labels name file and line (docs/pitfalls.md, #10, #4)."""
     root = aan_tsv(tmp_path)
     path = root / "new_aan_pairs.eval.tsv"
     lines = path.read_bytes().split(b"\n")
@@ -67,7 +67,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, edit, message):
 
 
 def test_decode_rejects_non_literals_and_missing_files_list_layouts(tmp_path):
-    """decode=true refuses non-literals; a missing file lists the layouts (pitfalls 5, 22)."""
+    """decode=true refuses non-literals; a missing file lists the layouts (docs/pitfalls.md, #10, #1)."""
     root = aan_tsv(tmp_path)
     path = root / "new_aan_pairs.train.tsv"
     path.write_bytes(path.read_bytes().replace(b"\tb'", b"\tnot-a-literal '", 1))

@@ -16,7 +16,7 @@ def tokens(cache, split):
 
 
 def test_aclimdb_bytes_plus_one_and_seeded_validation_split(tmp_path):
-    """Pitfall 4: IMDb has no val split; by default a seeded 10% of train, disjoint from the rest."""
+    """docs/pitfalls.md, #9: IMDb has no val split; by default a seeded 10% of train, disjoint from the rest."""
     acl = aclimdb(tmp_path / "src")
     cache = tasks.prepare("text", tmp_path / "src", tmp_path / "c", progress=False)
     m = read_manifest(cache)
@@ -37,7 +37,7 @@ def test_aclimdb_bytes_plus_one_and_seeded_validation_split(tmp_path):
 
 
 def test_lra_test_as_validation_and_explicit_length(tmp_path):
-    """Pitfalls 3 and 4: LRA's choice (val = test) and its 1000-byte length are options, not silent defaults."""
+    """docs/pitfalls.md, #8, #9: LRA's choice (val = test) and its 1000-byte length are options, not silent defaults."""
     aclimdb(tmp_path / "src")
     cache = tasks.prepare("text", tmp_path / "src", tmp_path / "c", progress=False, val="test", max_length=100)
     m = read_manifest(cache)
@@ -61,7 +61,7 @@ def test_local_parquet_equals_aclimdb(tmp_path):
 
 
 def test_hub_without_network_fails_within_seconds(tmp_path, monkeypatch):
-    """No network: the hub source fails in seconds with what to do (pitfall 22)."""
+    """No network: the hub source fails in seconds with what to do (docs/pitfalls.md, #1)."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
@@ -76,7 +76,7 @@ def test_hub_without_network_fails_within_seconds(tmp_path, monkeypatch):
 
 
 def test_tfds_absence_is_reported(tmp_path):
-    """Without tensorflow-datasets a tfds: source says what to install (pitfall 22)."""
+    """Without tensorflow-datasets a tfds: source says what to install (docs/pitfalls.md, #1)."""
     try:
         import tensorflow_datasets  # noqa: F401
         pytest.skip("tensorflow_datasets is installed here")
@@ -87,7 +87,7 @@ def test_tfds_absence_is_reported(tmp_path):
 
 
 def test_errors_missing_source_empty_split_bad_label(tmp_path):
-    """Missing source, empty split, label out of range, missing parquet split (pitfalls 4, 22)."""
+    """Missing source, empty split, label out of range, missing parquet split (docs/pitfalls.md, #9, #1)."""
     with pytest.raises(DataError, match="needs --source"):
         tasks.prepare("text", None, tmp_path / "c")
     with pytest.raises(DataError, match=r"(?s)no recognised data layout .*aclImdb/ with train/\{pos,neg\}"):
@@ -111,13 +111,13 @@ def test_errors_missing_source_empty_split_bad_label(tmp_path):
 
 
 def test_encode_is_bytetextencoder():
-    """Byte ids are UTF-8 byte + 1, as tfds' ByteTextEncoder (pitfall 3: length explicit)."""
+    """Byte ids are UTF-8 byte + 1, as tfds' ByteTextEncoder (docs/pitfalls.md, #8: length explicit)."""
     assert text.encode("é<br />", 100).tolist() == [0xC3 + 1, 0xA9 + 1, *[b + 1 for b in b"<br />"]]
     assert text.encode(b"abcdef", 3).tolist() == [98, 99, 100]
 
 
 def test_save_to_disk_folder_equals_aclimdb(tmp_path):
-    """A `datasets.DatasetDict.save_to_disk` folder (arrow files) reads to the aclImdb tokens (pitfall 22)."""
+    """A `datasets.DatasetDict.save_to_disk` folder (arrow files) reads to the aclImdb tokens (docs/pitfalls.md, #1)."""
     import datasets
     aclimdb(tmp_path / "acl")
     from_acl = tasks.prepare("text", tmp_path / "acl", tmp_path / "c1", progress=False, val="test")

@@ -127,7 +127,7 @@ def test_every_token_a_landmark_is_exact_gaussian_attention():
 def test_newton_layer_matches_exact_pseudo_inverse(landmark_norm):
     """A stage-1 layer (56 x 56 map, r = 8, m = 49) with Newton iterations vs torch.linalg.pinv: outputs and input
     gradients. At initialisation the plain-conv landmark matrix has condition number ~600 and the paper's
-    initialisation needs more than 20 iterations there (README, ImageNet backbones); 40 converge."""
+    initialisation needs more than 20 iterations there (docs/imagenet.md); 40 converge."""
     torch.manual_seed(0)
     attn = SoftAttention2d(64, 2, sampling_ratio=8, v_conv=9, landmark_norm=landmark_norm, iters=40).double()
     x = torch.randn(1, 56 * 56, 64, dtype=torch.float64, requires_grad=True)
@@ -177,7 +177,7 @@ def test_resize_pos_embed():
 # --- FLOPs and timm --------------------------------------------------------------------------------------------------
 
 def test_tiny_flops_split():
-    """Linear + Conv MACs track the paper's 1.9G; attention and Newton iterations come on top (README explains)."""
+    """Linear + Conv MACs track the paper's 1.9G; attention and Newton iterations come on top (docs/imagenet.md)."""
     p = profile("soft_tiny")
     assert abs(p.dense_flops / 2 / 1.9e9 - 1) < 0.05
     assert 0 < p.newton_flops < p.attention_flops

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-measure every efficiency target on this machine, then print them beside the targets.
-# CPU setting of the issue: forward+backward, batch 8, 2 heads, head dim 32, ratios to softmax (SDPA) in one run.
+# The CPU setting: forward+backward, batch 8, 2 heads, head dim 32, ratios to softmax (SDPA) in one run.
 # Takes about 6 minutes on a quiet 2-core CPU (the Newton rows at n = 4096, m = 1024, dominate).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

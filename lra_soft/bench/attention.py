@@ -32,7 +32,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 @dataclass(frozen=True)
 class AttentionBenchConfig:
     lengths: tuple[int, ...] = (1024, 2048, 4096)
-    batch: int = 8                  # the CPU setting: batch 8, 2 heads, head dim 32
+    batch: int = 8                  # the CPU setting of docs/bench: batch 8, 2 heads, head dim 32
     heads: int = 2
     head_dim: int = 32
     dtype: str = "float32"          # parameters and inputs

@@ -31,7 +31,7 @@ from lra_soft.bench.specs import AttentionSpec
 class ModelBenchConfig:
     model: str = "lra"                  # "lra" (LRA encoder, tokens/s) or "imagenet" (SOFT backbones, images/s)
     lengths: tuple[int, ...] = (2048,)  # lra: sequence lengths; imagenet: square image sizes in pixels
-    batch: int = 32                     # the ListOps setting: batch 32 at n = 2048
+    batch: int = 32                     # the ListOps training setting: batch 32 at n = 2048
     dim: int = 64                       # lra encoder width, depth, heads, MLP: the paper's 2-layer LRA setting
     depth: int = 2
     heads: int = 2
