@@ -441,11 +441,12 @@ def imagenet_train(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps, 0 = full schedule.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from this last.pt.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
 ) -> None:
     """Train a SOFT backbone with the paper's recipe; DDP with `torchrun --nproc_per_node N cli.py imagenet train`."""
     from lra_soft import distributed as D
     from lra_soft.checkpoint import CheckpointError
+    from lra_soft.engine import TrainingDiverged
     from lra_soft.imagenet import ImageNetConfig, train
 
     try:
@@ -456,7 +457,7 @@ def imagenet_train(
                              clip_grad=clip_grad, ema_decay=ema_decay, amp=amp, workers=workers, seed=seed,
                              max_steps=max_steps)
         metrics = train(cfg, data, out, device=device, resume=resume, **overrides)
-    except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, TrainingDiverged) as e:
         D.cleanup()
         _fail(e)
     if D.is_main():

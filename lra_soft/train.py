@@ -13,14 +13,14 @@
 - Data parallel through torchrun: a DistributedSampler-ordered global batch is split over the processes; gradients
   are averaged by DDP, so N processes with batch B/N each take the same steps as one process with batch B.
 
-The run directory holds config.json, metrics.jsonl, last.pt, best.pt, results.json and learning_curve.png.
+This module is the recipe (``LRARecipe``); ``lra_soft.engine`` runs it. The run directory holds config.json,
+metrics.jsonl, last.pt, best.pt, results.json and learning_curve.png.
 """
 from __future__ import annotations
 
 import json
 import math
-import platform
-import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -28,23 +28,19 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from lra_soft import distributed as D
-from lra_soft.checkpoint import (CheckpointError, atomic_write_text, capture_rng_state, load_checkpoint,
-                                 restore_rng_state, save_checkpoint)
+from lra_soft import engine
 from lra_soft.config import EncoderConfig, TrainConfig
 from lra_soft.encoder import build_model
+from lra_soft.engine import Loop, Recipe, TrainingDiverged
+
+__all__ = ["TaskData", "LRARecipe", "fit", "evaluate", "resolve_configs", "TrainingDiverged", "OneCycle"]
 from lra_soft.protocol import PRECISIONS, Protocol
 from lra_soft.protocol import apply as apply_protocol
 
 INPUTS = ("input_ids", "mask", "input_ids2", "mask2")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -165,18 +161,6 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["mask"].sum()) + (int(batch["mask2"].sum()) if "mask2" in batch else 0)
 
 
-def versions() -> dict[str, str]:
-    from importlib import metadata
-
-    import numpy
-    try:
-        ours = metadata.version("lra-soft")
-    except metadata.PackageNotFoundError:
-        ours = "not installed"
-    return {"lra_soft": ours, "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
 # --------------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -231,30 +215,6 @@ def _plot_curve(run_dir: Path) -> None:
     tmp.replace(run_dir / "learning_curve.png")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines up to ``step``: a resumed run rewrites what came after its checkpoint, including a
-    line cut short by the kill."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def _append_metrics(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _checkpoint_config(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig) -> dict[str, Any]:
-    return {"task": task, "model": asdict(model_cfg), "train": asdict(train_cfg)}
-
-
 def model_from_checkpoint(state: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the classifier of a best.pt/last.pt and load its weights; returns (model, stored config)."""
     cfg = state["config"]
@@ -263,7 +223,116 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[torch.nn.Module, dict[
     return model, cfg
 
 
-# --------------------------------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------------------------------- the recipe
+
+class LRARecipe(Recipe):
+    """The LRA encoder on one task: AdamW + the harness's one-cycle schedule, cross-entropy, dev accuracy selects,
+    the best checkpoint is tested on the whole test split."""
+
+    def __init__(self, task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskData,
+                 differences: list[str] | None = None):
+        self.task, self.model_cfg, self.train_cfg, self.data = task, model_cfg, train_cfg, data
+        self.differences = differences
+        self.collate = collate_fn(data.collate, train_cfg.pad_to, model_cfg.max_len)
+        self.tokens = 0.0  # real tokens trained on, over all sessions
+
+    def setup(self, info: D.DistInfo) -> None:
+        cfg, world = self.train_cfg, info.world_size
+        if cfg.batch_size % world:
+            raise ValueError(f"global batch size {cfg.batch_size} is not divisible by {world} processes; "
+                             "pass a --batch-size that is")
+        per_epoch = math.ceil(len(self.data.train) / world) // (cfg.batch_size // world)  # = len(batch_order(..))
+        if per_epoch == 0:
+            raise ValueError(f"the train split has {len(self.data.train)} examples, fewer than one batch of "
+                             f"{cfg.batch_size}; pass a smaller --batch-size")
+        self.info = info
+        self.loop = Loop(steps=cfg.steps, steps_per_epoch=per_epoch, eval_every=cfg.eval_every, seed=cfg.seed,
+                         precision=cfg.precision, grad_clip=cfg.grad_clip,
+                         desc=f"{self.task}/{self.model_cfg.attention}")
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.model_cfg)
+
+    def optimizer(self, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, OneCycle]:
+        cfg = self.train_cfg
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay)
+        return opt, OneCycle(opt, cfg.steps, cfg.warmup, cfg.beta1_cycle)
+
+    def micro_batches(self, epoch: int, start: int) -> Iterable[dict[str, torch.Tensor]]:
+        cfg, info = self.train_cfg, self.info
+        batches = batch_order(len(self.data.train), cfg.batch_size, cfg.seed, epoch, info.rank,
+                              info.world_size)[start:]
+        # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and a resumed run,
+        # which opens a fresh iterator mid-epoch, would then see other dropout masks than the uninterrupted one.
+        loader = DataLoader(self.data.train, batch_sampler=batches, collate_fn=self.collate,
+                            generator=torch.Generator())
+        return (_to(batch, info.device) for batch in loader)
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(**{k: batch[k] for k in INPUTS if k in batch})
+        loss = _loss(logits, batch["label"])
+        dev = logits.device
+        stats = torch.stack([loss.detach().double() * len(logits),  # loss * items, items, correct, tokens
+                             torch.tensor(len(logits), dtype=torch.float64, device=dev),
+                             (logits.argmax(-1) == batch["label"]).sum().double(),
+                             torch.tensor(_tokens(batch), dtype=torch.float64, device=dev)])
+        return loss, stats
+
+    def after_step(self, stats: torch.Tensor) -> None:
+        self.tokens += stats[3].item()
+
+    def postfix(self, stats: torch.Tensor, seconds: float) -> dict[str, str]:
+        return {"loss": f"{stats[0].item() / stats[1].item():.4f}", "acc": f"{stats[2].item() / stats[1].item():.3f}",
+                "tok_s": f"{stats[3].item() / seconds:,.0f}"}
+
+    def record(self, step, stats, seconds, model, ema, optimizer, scheduler):
+        cfg = self.train_cfg
+        dev = evaluate(model, self.data.val, self.collate, batch_size=cfg.batch_size, device=self.info.device,
+                       max_batches=cfg.eval_batches, precision=self._precision())
+        loss_sum, items, correct, tokens = stats.tolist()
+        row = {"step": step, "loss": loss_sum / items, "acc": correct / items, "lr": scheduler.get_last_lr()[0],
+               "beta1": optimizer.param_groups[0]["betas"][0], "tokens_per_s": tokens / seconds,
+               "val_acc": dev["acc"], "val_loss": dev["loss"]}
+        return row, dev["acc"]
+
+    def report(self, row, best, best_step) -> str:
+        return (f"step {row['step']}: loss {row['loss']:.4f}, dev acc {100 * row['val_acc']:.2f}% (best "
+                f"{100 * best:.2f}% at step {best_step}), {row['tokens_per_s']:,.0f} tokens/s")
+
+    def _precision(self) -> str:
+        return self.train_cfg.precision if self.info.device.type == "cuda" else "fp32"
+
+    def config(self) -> dict[str, Any]:
+        return {"task": self.task, "model": asdict(self.model_cfg), "train": asdict(self.train_cfg)}
+
+    def config_file(self) -> dict[str, Any]:
+        return {**self.config(), "vocab": self.data.vocab, "data": self.data.source}
+
+    def state(self) -> dict[str, Any]:
+        return {"vocab": self.data.vocab, "tokens": self.tokens}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.tokens = state["tokens"]
+
+    def finish(self, model, ema, best, run):
+        model.load_state_dict(best["model"])
+        test = evaluate(model, self.data.test, self.collate, batch_size=self.train_cfg.batch_size,
+                        device=self.info.device, precision=run["precision"])
+        diffs = self.differences
+        return {"task": self.task, "attention": self.model_cfg.attention,
+                "attention_options": self.model_cfg.attention_options,
+                "test_acc": test["acc"], "test_examples": test["count"], "test_loss": test["loss"],
+                "best_val_acc": run["best_acc"], "best_step": run["best_step"], "steps": run["step"],
+                "seed": self.train_cfg.seed, "protocol": self.train_cfg.protocol, "precision": run["precision"],
+                "comparable": diffs == [],
+                "differences": ["not checked against the paper's setting"] if diffs is None else diffs,
+                "wall_time_s": run["wall_time_s"], "train_time_s": run["train_time_s"],
+                "tokens_per_s": self.tokens / max(run["train_time_s"], 1e-9)}
+
+    def artifacts(self, run_dir: Path) -> None:
+        _plot_curve(run_dir)
+
 
 def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskData, run_dir: str | Path, *,
         device: str = "auto", resume: bool = False, progress: bool = True,
@@ -272,162 +341,5 @@ def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskD
 
     ``differences`` from the paper's Table 6 setting (``lra_soft.protocol.differences``; empty = comparable) go into
     results.json; None records the run as not checked, hence not comparable."""
-    info = D.init_distributed(device)
-    dev, world, rank = info.device, info.world_size, info.rank
-    run_dir = Path(run_dir)
-    if train_cfg.batch_size % world:
-        raise ValueError(f"global batch size {train_cfg.batch_size} is not divisible by {world} processes; "
-                         "pass a --batch-size that is")
-    last_path, best_path, metrics_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.jsonl"
-    if resume and not last_path.exists():
-        raise CheckpointError(f"--resume: {last_path} does not exist (nothing to resume in {run_dir}); "
-                              "drop --resume to start a new run")
-    if not resume and (last_path.exists() or (run_dir / "results.json").exists()):
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or another --out")
-    config = _checkpoint_config(task, model_cfg, train_cfg)
-
-    # The same initial weights on every process (DDP also broadcasts rank 0's); per-process dropout streams after.
-    torch.manual_seed(train_cfg.seed)
-    model = build_model(model_cfg).to(dev)
-    torch.manual_seed(train_cfg.seed + rank)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.999), eps=train_cfg.adam_eps,
-                            weight_decay=train_cfg.weight_decay)
-    sched = OneCycle(opt, train_cfg.steps, train_cfg.warmup, train_cfg.beta1_cycle)
-    precision = train_cfg.precision if dev.type == "cuda" else "fp32"  # what really runs
-    scaler = D.grad_scaler(dev, precision)
-    # wall: elapsed seconds of all sessions; train_time/tokens: time inside training steps and real tokens seen
-    step, best_acc, best_step, wall, train_time, tokens_seen = 0, -1.0, 0, 0.0, 0.0, 0.0
-    if resume:
-        state = load_checkpoint(last_path, required=("model", "optimizer", "scheduler", "rng", "step", "config"))
-        if state["config"] != config:
-            raise CheckpointError(f"{last_path} was written with another configuration than this command's; "
-                                  f"resume with the same options (stored: {json.dumps(state['config'])})")
-        if state["world_size"] != world:
-            raise CheckpointError(f"{last_path} was written by {state['world_size']} processes, this run has {world}; "
-                                  "resume with the same number of processes")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"][rank])
-        step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
-        wall, train_time, tokens_seen = state["wall"], state["train_time"], state["tokens"]
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(
-            {**config, "vocab": data.vocab, "data": data.source, "world_size": world, "device": str(dev),
-             "versions": versions()}, indent=1) + "\n")
-        if resume:
-            _truncate_metrics(metrics_path, step)
-            for stale in run_dir.glob(".*.tmp"):  # a write that a kill cut short (never a file we read)
-                stale.unlink(missing_ok=True)
-        else:
-            metrics_path.unlink(missing_ok=True)
-    D.barrier()
-    ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 \
-        else model
-
-    collate = collate_fn(data.collate, train_cfg.pad_to, model_cfg.max_len)
-    per_epoch = math.ceil(len(data.train) / world) // (train_cfg.batch_size // world)  # = len(batch_order(...))
-    if per_epoch == 0:
-        raise ValueError(f"the train split has {len(data.train)} examples, fewer than one batch of "
-                         f"{train_cfg.batch_size}; pass a smaller --batch-size")
-    bar = tqdm(total=train_cfg.steps, initial=step, disable=not (progress and info.is_main), dynamic_ncols=True,
-               desc=f"{task}/{model_cfg.attention}")
-    interval = torch.zeros(4, dtype=torch.float64, device=dev)  # loss * items, correct, items, tokens since last eval
-    interval_time, last_good, session_start, wall0 = 0.0, step, time.perf_counter(), wall
-    while step < train_cfg.steps:
-        epoch, offset = divmod(step, per_epoch)
-        batches = batch_order(len(data.train), train_cfg.batch_size, train_cfg.seed, epoch, rank, world)[offset:]
-        # Its own generator: a DataLoader iterator otherwise draws a seed from the global RNG, and a resumed run,
-        # which opens a fresh iterator mid-epoch, would then see other dropout masks than the uninterrupted one.
-        for batch in DataLoader(data.train, batch_sampler=batches, collate_fn=collate, generator=torch.Generator()):
-            tic = time.perf_counter()
-            ddp.train()
-            batch = _to(batch, dev)
-            with D.autocast(dev, precision):
-                logits = ddp(**{k: batch[k] for k in INPUTS if k in batch})
-            loss = _loss(logits, batch["label"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            stats = torch.stack([loss.detach().double() * len(logits),
-                                 (logits.argmax(-1) == batch["label"]).sum().double(),
-                                 torch.tensor(len(logits), dtype=torch.float64, device=dev),
-                                 torch.tensor(_tokens(batch), dtype=torch.float64, device=dev)])
-            D.all_reduce_sum(stats)
-            if not math.isfinite(stats[0].item()):
-                bar.close()
-                kept = f"the last good checkpoint is {last_path} (step {last_good})" if last_good else \
-                    "no checkpoint was written yet"
-                raise TrainingDiverged(f"loss is {stats[0].item() / stats[2].item()} at step {step + 1}; the run "
-                                       f"stopped and {kept}. Lower --lr or check the data, then --resume or start "
-                                       "again")
-            if train_cfg.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(ddp.parameters(), train_cfg.grad_clip)
-            scaler.step(opt)  # opt.step() unless fp16 gradients overflowed
-            scaler.update()
-            sched.step()
-            step += 1
-            interval += stats
-            took = time.perf_counter() - tic
-            interval_time += took
-            train_time += took
-            tokens_seen += stats[3].item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats[0].item() / stats[2].item():.4f}", refresh=False,
-                            acc=f"{stats[1].item() / stats[2].item():.3f}", tok_s=f"{stats[3].item() / took:,.0f}")
-
-            if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-                dev_metrics = evaluate(model, data.val, collate, batch_size=train_cfg.batch_size, device=dev,
-                                       max_batches=train_cfg.eval_batches, precision=precision)
-                loss_sum, correct, items, tokens = interval.tolist()
-                row = {"step": step, "loss": loss_sum / items, "acc": correct / items,
-                       "lr": sched.get_last_lr()[0], "beta1": opt.param_groups[0]["betas"][0],
-                       "tokens_per_s": tokens / interval_time,
-                       "val_acc": dev_metrics["acc"], "val_loss": dev_metrics["loss"]}
-                interval.zero_()
-                interval_time = 0.0
-                improved = dev_metrics["acc"] > best_acc
-                if improved:
-                    best_acc, best_step = dev_metrics["acc"], step
-                rngs = D.all_gather_objects(capture_rng_state())
-                wall = wall0 + time.perf_counter() - session_start
-                if info.is_main:
-                    # Order matters for a kill between writes: best.pt, then the metrics line, then last.pt
-                    # (a resume from the older last.pt redoes and rewrites all three identically).
-                    if improved:
-                        save_checkpoint(best_path, {"model": model.state_dict(), "config": config,
-                                                    "vocab": data.vocab, "step": step, "val_acc": best_acc})
-                    _append_metrics(metrics_path, row)
-                    save_checkpoint(last_path, {
-                        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict(), "rng": rngs, "step": step, "best_acc": best_acc, "best_step": best_step, "wall": wall,
-                        "train_time": train_time, "tokens": tokens_seen,
-                        "world_size": world, "config": config, "vocab": data.vocab})
-                D.barrier()
-                last_good = step
-                if info.is_main and progress:
-                    bar.write(f"step {step}: loss {row['loss']:.4f}, dev acc {100 * row['val_acc']:.2f}% (best "
-                              f"{100 * best_acc:.2f}% at step {best_step}), {row['tokens_per_s']:,.0f} tokens/s")
-            if step >= train_cfg.steps:
-                break
-    bar.close()
-
-    # The best dev checkpoint, on the whole test split.
-    best = load_checkpoint(best_path, map_location=dev, required=("model",))
-    model.load_state_dict(best["model"])
-    test = evaluate(model, data.test, collate, batch_size=train_cfg.batch_size, device=dev, precision=precision)
-    wall = wall0 + time.perf_counter() - session_start
-    results = {"task": task, "attention": model_cfg.attention, "attention_options": model_cfg.attention_options,
-               "test_acc": test["acc"], "test_examples": test["count"], "test_loss": test["loss"],
-               "best_val_acc": best_acc, "best_step": best_step, "steps": step, "seed": train_cfg.seed,
-               "protocol": train_cfg.protocol, "precision": precision, "comparable": differences == [],
-               "differences": ["not checked against the paper's setting"] if differences is None else differences,
-               "wall_time_s": wall, "train_time_s": train_time, "tokens_per_s": tokens_seen / max(train_time, 1e-9)}
-    if info.is_main:
-        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=1) + "\n")
-        _plot_curve(run_dir)
-    D.barrier()
-    return results
+    return engine.fit(LRARecipe(task, model_cfg, train_cfg, data, differences), run_dir, device=device,
+                      resume=resume, progress=progress)

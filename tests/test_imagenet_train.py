@@ -46,7 +46,7 @@ def test_cli_train_two_steps_then_eval(image_folder, tmp_path):
     assert "step 2, val top-1" in result.output
     state = load_checkpoint(out / "last.pt")  # weights_only=True
     assert state["step"] == 2 and state["ema"] is not None and state["classes"] == ["n01", "n02", "n03"]
-    assert {"config.json", "log.jsonl", "last.pt", "best.pt"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.jsonl", "results.json", "last.pt", "best.pt"} <= {p.name for p in out.iterdir()}
 
     result = runner.invoke(app, ["imagenet", "eval", str(out / "last.pt"), "--data", str(image_folder), "--device",
                                  "cpu", "--workers", "0", "--batch-size", "4"])
@@ -74,8 +74,7 @@ def test_resume_continues_exactly(image_folder, tmp_path):
     small = dict(dims=(16, 32, 32, 64), heads=(1, 2, 2, 4), depths=(1, 1, 1, 1))  # the loop, not the model, is tested
     train(replace(cfg, max_steps=3), image_folder, tmp_path / "straight", device="cpu", **small)
     train(replace(cfg, max_steps=2), image_folder, tmp_path / "split", device="cpu", **small)
-    train(replace(cfg, max_steps=3), image_folder, tmp_path / "split", device="cpu",
-          resume=tmp_path / "split" / "last.pt", **small)
+    train(replace(cfg, max_steps=3), image_folder, tmp_path / "split", device="cpu", resume=True, **small)
     a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
     assert a["step"] == b["step"] == 3 and a["epoch"] == b["epoch"] == 1  # 3 steps per epoch: step 3 ends epoch 0
     for key in ("model", "ema"):

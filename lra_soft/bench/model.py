@@ -1,7 +1,8 @@
 """Model-level benchmark: training throughput and peak memory of whole models, per attention.
 
 - ``lra``: the LRA encoder + classification head (``lra_soft.encoder``) trained with AdamW and cross-entropy on random
-  token ids of length n, batch b: one optimizer step is timed (forward, backward, ``step``), tokens/s = b n / step time.
+  token ids of length n, batch b: one optimizer step of the training engine is timed (``lra_soft.engine.train_step``:
+  forward, backward, AdamW step), tokens/s = b n / step time.
   This is the setting of the LRA efficiency tables (LRA paper Table 2: steps/s and memory against length).
 - ``imagenet``: the SOFT backbones (``lra_soft.vision``) trained the same way on random images, images/s (the paper's
   Table 1 reports "train throughput / inference throughput" in img/s).
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from lra_soft.bench.attention import DTYPES, add_ratios, growth, padding_mask
 from lra_soft.bench.measure import peak_memory, resolve_device, time_rounds
 from lra_soft.bench.specs import AttentionSpec
+from lra_soft.engine import train_step
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,13 @@ class _Trainer:
     def _amp(self):
         return nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def _loss(self, model: torch.nn.Module, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = F.cross_entropy(model(*inputs).float(), self.labels)
+        return loss, loss.detach()[None]
+
     def step(self) -> None:
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        with self._amp():
-            loss = F.cross_entropy(self.run(*self.inputs).float(), self.labels)
-        loss.backward()
-        self.opt.step()
+        """The training engine's own optimizer step (forward, backward, AdamW), on the fixed batch."""
+        train_step(self.run, self.opt, [self.inputs], self._loss, autocast=self._amp)
 
     def infer(self) -> None:
         self.model.eval()

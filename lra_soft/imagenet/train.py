@@ -6,31 +6,26 @@ over the DDP processes (``torchrun``; per-process batch = global / world, with g
 silent the authors' DeiT-style configs fill in: peak lr 1e-3 at batch 1024 scaled linearly with the global batch,
 warm-up from 1e-6, floor 1e-5, AdamW eps 1e-8, no decay on biases, norms, positions and the class token. EMA of the
 weights (``torch.optim.swa_utils.AveragedModel``) is optional; the authors report EMA weights (decay 0.99996).
-Checkpoints (``last.pt`` every epoch, ``best.pt`` by top-1) hold model, EMA, optimizer, schedule, position in the
-epoch and every process's RNG state, written atomically and read with ``weights_only=True``; ``resume`` continues
-exactly where a run stopped.
+This module is the recipe (``ImageNetRecipe``); ``lra_soft.engine`` runs it, evaluating and writing ``last.pt`` at
+every epoch's end (``best.pt`` by top-1, of the EMA when there is one); ``resume`` continues exactly where a run
+stopped, as for the LRA tasks.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import shutil
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from lra_soft import distributed as dist
-from lra_soft.checkpoint import (atomic_write_text, capture_rng_state, load_checkpoint, restore_rng_state,
-                                 save_checkpoint)
+from lra_soft import engine
+from lra_soft.checkpoint import CheckpointError, load_checkpoint
+from lra_soft.engine import Loop, Recipe
 from lra_soft.imagenet.augment import MixupCutmix, soft_target_cross_entropy
 from lra_soft.imagenet.data import ImageFolder, eval_transform, train_transform
 from lra_soft.vision import SoftVisionTransformer, VisionConfig, build_model
@@ -131,132 +126,111 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, *, split: 
 
 # --- training ---------------------------------------------------------------------------------------------------------
 
-def train(cfg: ImageNetConfig, data_dir: str | Path, out_dir: str | Path, *, device: str = "auto",
-          resume: str | Path | None = None, **model_overrides) -> dict[str, float]:
-    """Train ``cfg.model`` on ``data_dir/{train,val}``; writes config.json, log.jsonl, last.pt, best.pt in out_dir.
+class ImageNetRecipe(Recipe):
+    """A SOFT backbone on an ImageFolder: the paper's recipe, evaluated (and checkpointed) at every epoch's end."""
 
-    Launch with ``torchrun --nproc_per_node N`` for DDP; returns the last evaluation's metrics."""
-    info = dist.init_distributed(device)
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    per_process, micro, accum = _batch_split(cfg.global_batch, cfg.micro_batch, info.world_size)
-    torch.manual_seed(cfg.seed + info.rank)
+    def __init__(self, cfg: ImageNetConfig, data_dir: str | Path, **model_overrides):
+        self.cfg, self.data_dir, self.model_overrides = cfg, Path(data_dir), model_overrides
 
-    train_set = ImageFolder(data_dir / "train", train_transform(cfg.img_size))
-    classes = train_set.classes
-    pin = info.device.type == "cuda"
-    val = eval_loader(data_dir / "val", classes, cfg, micro, info.world_size, info.rank, pin)
-    sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // per_process
-    if steps_per_epoch == 0:
-        raise ValueError(f"{data_dir / 'train'} has {len(train_set)} images, fewer than one global batch of "
-                         f"{cfg.global_batch}; lower --global-batch")
-    total_steps = steps_per_epoch * cfg.epochs
+    def setup(self, info: dist.DistInfo) -> None:
+        cfg = self.cfg
+        self.info, self.pin = info, info.device.type == "cuda"
+        self.per_process, self.micro, accum = _batch_split(cfg.global_batch, cfg.micro_batch, info.world_size)
+        self.train_set = ImageFolder(self.data_dir / "train", train_transform(cfg.img_size))
+        self.classes = self.train_set.classes
+        self.val = eval_loader(self.data_dir / "val", self.classes, cfg, self.micro, info.world_size, info.rank,
+                               self.pin)
+        self.sampler = DistributedSampler(self.train_set, info.world_size, info.rank, shuffle=True, seed=cfg.seed,
+                                          drop_last=True)
+        per_epoch = len(self.sampler) // self.per_process
+        if per_epoch == 0:
+            raise ValueError(f"{self.data_dir / 'train'} has {len(self.train_set)} images, fewer than one global "
+                             f"batch of {cfg.global_batch}; lower --global-batch")
+        self.mix = MixupCutmix(len(self.classes), cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.switch_prob,
+                               cfg.label_smoothing)
+        self.peak_lr = cfg.lr * cfg.global_batch / 1024
+        self.loop = Loop(steps=per_epoch * cfg.epochs, steps_per_epoch=per_epoch, eval_every=per_epoch,
+                         seed=cfg.seed, stop_at=cfg.max_steps, accumulation=accum,
+                         precision="bf16" if cfg.amp else "fp32", grad_clip=cfg.clip_grad, ema_decay=cfg.ema_decay,
+                         desc=cfg.model)
 
-    model = build_model(cfg.model, num_classes=len(classes), img_size=cfg.img_size, drop_path=cfg.drop_path,
-                        **model_overrides).to(info.device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay > 0 else None
-    peak_lr = cfg.lr * cfg.global_batch / 1024
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=peak_lr, eps=cfg.adam_eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, warmup_steps=steps_per_epoch * cfg.warmup_epochs, total_steps=total_steps, lr=peak_lr,
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr))
-    mix = MixupCutmix(len(classes), cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.switch_prob, cfg.label_smoothing)
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        model = build_model(cfg.model, num_classes=len(self.classes), img_size=cfg.img_size,
+                            drop_path=cfg.drop_path, **self.model_overrides)
+        self.model_config = config_dict(model.cfg)
+        return model
 
-    step, epoch, batch_in_epoch, best = 0, 0, 0, -1.0
-    if resume is not None:
-        state = load_checkpoint(resume, map_location="cpu", required=("model", "optimizer", "step", "rng"))
-        if state["classes"] != classes or state["model_config"] != config_dict(model.cfg):
-            raise ValueError(f"checkpoint {resume} was trained on other classes or another model configuration; "
-                             "resume with the data and --model of that run")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if ema is not None and state.get("ema") is not None:
-            ema.module.load_state_dict(state["ema"])
-            ema.n_averaged.fill_(state["ema_updates"])
-        step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best_top1"]
-        rng = state["rng"]
-        restore_rng_state(rng[info.rank] if info.rank < len(rng) else rng[0])
+    def optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        cfg, loop = self.cfg, self.loop
+        opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=self.peak_lr, eps=cfg.adam_eps)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(opt, partial(
+            lr_factor, warmup_steps=loop.steps_per_epoch * cfg.warmup_epochs, total_steps=loop.steps,
+            lr=self.peak_lr, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr))
+        return opt, self.schedule
 
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", json.dumps(
-            {"train": asdict(cfg), "model": config_dict(model.cfg), "classes": len(classes),
-             "world_size": info.world_size, "micro_batch": micro, "accumulation": accum, "peak_lr": peak_lr}, indent=2))
-    ddp = DistributedDataParallel(model, device_ids=[info.device.index] if pin else None) \
-        if info.world_size > 1 else model
-
-    def checkpoint(name: str, metrics: dict) -> None:
-        rng = dist.all_gather_objects(capture_rng_state())
-        if info.is_main:
-            save_checkpoint(out_dir / name, {
-                "model": model.state_dict(), "ema": None if ema is None else ema.module.state_dict(),
-                "ema_updates": 0 if ema is None else int(ema.n_averaged), "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                "best_top1": best, "metrics": metrics, "config": asdict(cfg), "model_config": config_dict(model.cfg),
-                "classes": classes, "rng": rng})
-
-    metrics: dict[str, float] = {}
-    limit = cfg.max_steps or total_steps
-    while epoch < cfg.epochs and step < limit:
-        sampler.set_epoch(epoch)
-        order = list(sampler)[batch_in_epoch * per_process: steps_per_epoch * per_process]  # skip what a resume did
+    def micro_batches(self, epoch: int, start: int):
+        cfg, info, per = self.cfg, self.info, self.per_process
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)[start * per: self.loop.steps_per_epoch * per]  # skip what a resume did
         # worker seeds from (seed, epoch, rank), not from the global RNG, so that a resumed epoch matches
-        loader = DataLoader(train_set, batch_size=micro, sampler=order, num_workers=cfg.workers, pin_memory=pin,
-                            drop_last=True, generator=torch.Generator().manual_seed(
+        loader = DataLoader(self.train_set, batch_size=self.micro, sampler=order, num_workers=cfg.workers,
+                            pin_memory=self.pin, drop_last=True, generator=torch.Generator().manual_seed(
                                 (cfg.seed * 1_000_003 + epoch) * 1009 + info.rank))
-        model.train()
-        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not info.is_main,
-                   leave=False)
-        running = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss sum, micro-batches
-        for i, (x, y) in enumerate(loader):
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
-            x, targets = mix(x, y)
-            last_micro = (i + 1) % accum == 0
-            sync = contextlib.nullcontext() if last_micro or ddp is model else ddp.no_sync()
-            with sync:
-                with dist.autocast(info.device, cfg.amp):
-                    loss = soft_target_cross_entropy(ddp(x), targets)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch}); lower --lr or "
-                                             "enable --clip-grad, and resume from the last checkpoint")
-                (loss / accum).backward()
-            running += torch.stack([loss.detach().double(), torch.ones((), device=info.device).double()])
-            if not last_micro:
-                continue
-            if cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            step, batch_in_epoch = step + 1, batch_in_epoch + 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-            if step >= limit:
-                break
-        bar.close()
-        if batch_in_epoch >= steps_per_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-        train_loss = (dist.all_reduce_sum(running)[0] / running[1].clamp_min(1)).item()
-        metrics = {"epoch": epoch, "step": step, "lr": schedule.get_last_lr()[0], "train_loss": train_loss,
-                   **evaluate(model, val, info.device, cfg.amp)}
+        for x, y in loader:
+            yield x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, targets = self.mix(*batch)
+        loss = soft_target_cross_entropy(model(x), targets)
+        return loss, torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=loss.device)])
+
+    def postfix(self, stats: torch.Tensor, seconds: float) -> dict[str, str]:
+        return {"loss": f"{stats[0].item() / stats[1].item():.3f}", "lr": f"{self.schedule.get_last_lr()[0]:.2e}"}
+
+    def record(self, step, stats, seconds, model, ema, optimizer, scheduler):
+        cfg, dev = self.cfg, self.info.device
+        row = {"epoch": step // self.loop.steps_per_epoch, "step": step, "lr": scheduler.get_last_lr()[0],
+               "train_loss": (stats[0] / stats[1].clamp_min(1)).item(), **evaluate(model, self.val, dev, cfg.amp)}
         if ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, val, info.device, cfg.amp).items()})
-        top1 = metrics["ema_top1"] if ema is not None else metrics["top1"]
-        improved = top1 > best
-        best = max(best, top1)
-        checkpoint("last.pt", metrics)
-        if improved and info.is_main:
-            _link_or_copy(out_dir / "last.pt", out_dir / "best.pt")
-        if info.is_main:
-            with open(out_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-    dist.barrier()
-    return metrics
+            row.update({f"ema_{k}": v for k, v in evaluate(ema, self.val, dev, cfg.amp).items()})
+        self.last_row = row
+        return row, row["ema_top1"] if ema is not None else row["top1"]
+
+    def report(self, row, best, best_step) -> str:
+        return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+    def config(self) -> dict:
+        return asdict(self.cfg)
+
+    def config_file(self) -> dict:
+        return {"train": asdict(self.cfg), "model": self.model_config, "classes": len(self.classes),
+                "micro_batch": self.micro, "accumulation": self.loop.accumulation, "peak_lr": self.peak_lr}
+
+    def check_resume(self, state: dict, path: Path) -> None:
+        # the schedule's length may grow (--max-steps), the data and the model may not
+        if state["classes"] != self.classes or state["model_config"] != self.model_config:
+            raise CheckpointError(f"checkpoint {path} was trained on other classes or another model "
+                                  "configuration; resume with the data and --model of that run")
+
+    def state(self) -> dict:
+        return {"classes": self.classes, "model_config": self.model_config}
+
+    def finish(self, model, ema, best, run) -> dict:
+        return {"model": self.cfg.model, **self.last_row, "best_top1": run["best_acc"],
+                "best_step": run["best_step"], "precision": run["precision"], "wall_time_s": run["wall_time_s"],
+                "train_time_s": run["train_time_s"]}
+
+
+def train(cfg: ImageNetConfig, data_dir: str | Path, out_dir: str | Path, *, device: str = "auto",
+          resume: bool = False, progress: bool = True, **model_overrides) -> dict[str, float]:
+    """Train ``cfg.model`` on ``data_dir/{train,val}`` into the run directory ``out_dir`` (config.json,
+    metrics.jsonl, last.pt, best.pt, results.json); ``resume`` continues the run there.
+
+    Launch with ``torchrun --nproc_per_node N`` for DDP; returns results.json (the last evaluation's metrics, the
+    best top-1 and the timings)."""
+    return engine.fit(ImageNetRecipe(cfg, data_dir, **model_overrides), out_dir, device=device, resume=resume,
+                      progress=progress)
 
 
 def _batch_split(global_batch: int, micro_batch: int, world: int) -> tuple[int, int, int]:
@@ -269,15 +243,3 @@ def _batch_split(global_batch: int, micro_batch: int, world: int) -> tuple[int, 
         raise ValueError(f"per-process batch {per_process} (= {global_batch} / {world}) is not a multiple of "
                          f"--micro-batch {micro}")
     return per_process, micro, per_process // micro
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes the file ``src`` is now (a hard link where the file system has them), replaced atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-

@@ -1,0 +1,362 @@
+"""The one training engine of the toolkit: every loop (LRA encoder, ImageNet backbones) is a recipe run by ``fit``.
+
+A recipe says *what* is trained: the model, its optimizer and schedule, the batches of an epoch, the loss, the
+evaluation and the files a run leaves behind. The engine owns *how*, identically for every recipe:
+
+- the run directory: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``last.pt``, ``best.pt`` and
+  ``results.json``; a directory that holds a run is refused unless ``resume=True``, which continues it;
+- distributed set-up (``torchrun``: one process per device, DDP averages the gradients), seeding (the same initial
+  weights on every process, then a stream per process), gradient accumulation (``no_sync`` on all micro-batches but
+  the last), precision (autocast on CUDA, a GradScaler for fp16), gradient clipping, an optional EMA of the weights;
+- the divergence check: the step's statistics are summed over all processes before anything else, so a NaN/inf
+  loss on one rank stops every rank, at the same step, with the same message and the last good checkpoint;
+- evaluation every ``eval_every`` steps and at the end, best-so-far selection, and RNG-exact checkpoints: ``last.pt``
+  holds model, optimizer, scheduler, scaler, EMA, every process's RNG states and the step (a recipe's batches are a
+  pure function of seed, epoch and step), so a run killed at any moment and resumed ends with the same metrics.
+
+    result = fit(recipe, "runs/x", device="auto", resume=False)
+
+The benchmark's model mode times ``train_step``, the engine's own optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from lra_soft import distributed as D
+from lra_soft.checkpoint import (CheckpointError, atomic_write_text, capture_rng_state, load_checkpoint,
+                                 restore_rng_state, save_checkpoint)
+
+LAST, BEST, METRICS, RESULTS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "results.json", "config.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How long and how a recipe's training runs (the engine's share of its configuration)."""
+    steps: int                    # optimizer steps of the whole schedule
+    steps_per_epoch: int          # optimizer steps of one pass over the train split
+    eval_every: int               # steps between evaluations (always one at the last step)
+    seed: int = 0
+    stop_at: int = 0              # stop after this many steps (smoke runs); 0 = the whole schedule
+    accumulation: int = 1         # micro-batches per optimizer step on each process
+    precision: str = "fp32"       # autocast on CUDA: bf16 | fp16 (with a GradScaler) | fp32; CPU runs fp32
+    grad_clip: float = 0.0        # max gradient norm; 0 = none
+    ema_decay: float = 0.0        # EMA of the weights (torch's AveragedModel); 0 = none
+    desc: str = "train"           # progress bar label
+
+    @property
+    def last_step(self) -> int:
+        return min(self.stop_at, self.steps) if self.stop_at else self.steps
+
+
+class Recipe:
+    """What ``fit`` trains. Subclasses fill in every method; the engine calls them in this order:
+
+    ``setup(info)`` once (data, checks against the world size), ``loop``, ``build_model()`` under the shared seed,
+    ``optimizer(model)``, then per step ``micro_batches`` / ``loss``, at every evaluation ``record``, at the end
+    ``finish``. ``stats`` returned by ``loss`` is a float64 vector summed over micro-batches and processes whose
+    first two entries are (sum of losses, their count): the divergence check and the progress bar read those.
+    """
+    loop: Loop
+
+    def setup(self, info: D.DistInfo) -> None: ...
+    def build_model(self) -> nn.Module: raise NotImplementedError
+    def optimizer(self, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]: raise NotImplementedError
+    def micro_batches(self, epoch: int, start: int) -> Iterable[Any]: raise NotImplementedError
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: raise NotImplementedError
+
+    def record(self, step: int, stats: torch.Tensor, seconds: float, model: nn.Module, ema: nn.Module | None,
+               optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[dict[str, Any], float]:
+        """Evaluate; the metrics row (training ``stats`` since the last evaluation over ``seconds``) and the score
+        that selects best.pt (higher is better)."""
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, ema: nn.Module | None, best: dict[str, Any], run: dict[str, Any]
+               ) -> dict[str, Any]:
+        """results.json from the best checkpoint's state and the run's totals (``run``: step, best_acc, ...)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Stored in every checkpoint as ``config``."""
+        raise NotImplementedError
+
+    def config_file(self) -> dict[str, Any]:
+        """config.json (the resolved configuration and provenance)."""
+        return self.config()
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a last.pt of another run (CheckpointError saying what differs)."""
+        if state["config"] != self.config():
+            raise CheckpointError(f"{path} was written with another configuration than this command's; resume "
+                                  f"with the same options (stored: {json.dumps(state['config'])})")
+
+    def state(self) -> dict[str, Any]:
+        """Extra plain values saved in last.pt and best.pt (vocabulary, classes, counters)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+    def after_step(self, stats: torch.Tensor) -> None: ...
+    def postfix(self, stats: torch.Tensor, seconds: float) -> dict[str, str]:
+        return {"loss": f"{stats[0].item() / stats[1].item():.4f}"}
+
+    def report(self, row: dict[str, Any], best: float, best_step: int) -> str:
+        return json.dumps(row)
+
+    def artifacts(self, run_dir: Path) -> None:
+        """Files made from the run's records at the end (plots)."""
+
+
+# --------------------------------------------------------------------------------------------------- one step
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Any],
+               loss: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]], *,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0, accumulation: int = 1,
+               ddp: nn.Module | None = None, on_stats: Callable[[torch.Tensor], None] | None = None
+               ) -> torch.Tensor:
+    """One optimizer step over ``accumulation`` micro-batches; returns the summed ``stats`` of ``loss``.
+
+    ``model`` is what runs forward (a DDP wrapper when distributed; ``ddp`` then names it so that every
+    micro-batch but the last skips the gradient all-reduce). ``stats`` are summed over all processes *before* the
+    update, and ``on_stats`` sees them there: raising in it (the divergence check) leaves the weights untouched.
+    """
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total, count = None, 0
+    for i, batch in enumerate(micro_batches):
+        count += 1
+        sync = ddp is None or i == accumulation - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with autocast():
+                value, stats = loss(model, batch)
+            scaler.scale(value / accumulation if accumulation > 1 else value).backward()
+        total = stats if total is None else total + stats
+    if count != accumulation:
+        raise ValueError(f"an optimizer step needs {accumulation} micro-batches, the data gave {count}")
+    D.all_reduce_sum(total)
+    if on_stats is not None:
+        on_stats(total)
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # optimizer.step() unless fp16 gradients overflowed
+    scaler.update()
+    return total
+
+
+def _steps(batches: Iterable[Any], accumulation: int) -> Iterator[Iterator[Any]]:
+    """Groups of ``accumulation`` micro-batches, each drawn only when the step reaches it: fetching (and the
+    random augmentation it runs) stays in step with the training, and one micro-batch at a time is on the device."""
+    it = iter(batches)
+    while (first := next(it, _END)) is not _END:
+        yield itertools.chain([first], itertools.islice(it, accumulation - 1))
+
+
+_END = object()
+
+
+# --------------------------------------------------------------------------------------------------- run directory
+
+class RunDir:
+    """A run's files. A new run refuses a directory that already holds one; a resumed run needs its last.pt."""
+
+    def __init__(self, path: str | Path, resume: bool):
+        self.path = Path(path)
+        self.last, self.best = self.path / LAST, self.path / BEST
+        self.metrics, self.results = self.path / METRICS, self.path / RESULTS
+        if resume and not self.last.exists():
+            raise CheckpointError(f"--resume: {self.last} does not exist (nothing to resume in {self.path}); "
+                                  "drop --resume to start a new run")
+        if not resume and (self.last.exists() or self.results.exists()):
+            raise FileExistsError(f"{self.path} already holds a run; pass --resume to continue it or another --out")
+        self.resume = resume
+
+    def start(self, config: dict[str, Any], step: int) -> None:
+        """config.json; metrics of a resumed run cut back to its checkpoint (a kill may have cut a line short)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / CONFIG, json.dumps(config, indent=1) + "\n")
+        if not self.resume:
+            self.metrics.unlink(missing_ok=True)
+            return
+        for stale in self.path.glob(".*.tmp"):  # a write that a kill cut short (never a file we read)
+            stale.unlink(missing_ok=True)
+        if self.metrics.exists():
+            keep = []
+            for line in self.metrics.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+            atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
+
+    def append(self, row: dict[str, Any]) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def _older_layout(state: dict[str, Any], path: Path) -> None:
+    if "schedule" in state and "scheduler" not in state:
+        raise CheckpointError(f"{path} was written by the ImageNet loop of lra-soft before its shared training "
+                              "engine (checkpoint layout lra_soft.checkpoint/1 with a 'schedule' key): it cannot "
+                              "be resumed by this version; `imagenet eval` still reads it, or start the run again")
+
+
+def versions() -> dict[str, str]:
+    """Provenance of a run: package versions and the platform."""
+    from importlib import metadata
+
+    import numpy
+    try:
+        ours = metadata.version("lra-soft")
+    except metadata.PackageNotFoundError:
+        ours = "not installed"
+    return {"lra_soft": ours, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+# --------------------------------------------------------------------------------------------------- fit
+
+def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Train ``recipe``, evaluate on its cadence, keep the best, finish; returns results.json (on every process)."""
+    info = D.init_distributed(device)
+    dev, world, rank = info.device, info.world_size, info.rank
+    recipe.setup(info)
+    loop = recipe.loop
+    run = RunDir(run_dir, resume)
+
+    # The same initial weights on every process (DDP also broadcasts rank 0's); per-process streams after.
+    torch.manual_seed(loop.seed)
+    model = recipe.build_model().to(dev)
+    torch.manual_seed(loop.seed + rank)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(loop.ema_decay), use_buffers=True) \
+        if loop.ema_decay > 0 else None
+    optimizer, scheduler = recipe.optimizer(model)
+    precision = loop.precision if dev.type == "cuda" else "fp32"  # what really runs
+    scaler = D.grad_scaler(dev, precision)
+    # wall: elapsed seconds of all sessions; train_time: seconds inside training steps
+    step, best_acc, best_step, wall, train_time = 0, -1.0, 0, 0.0, 0.0
+    if resume:
+        state = load_checkpoint(run.last, required=("model", "rng", "step", "config"))
+        _older_layout(state, run.last)
+        state = load_checkpoint(run.last, required=("model", "optimizer", "scheduler", "rng", "step", "config"))
+        recipe.check_resume(state, run.last)
+        if state["world_size"] != world:
+            raise CheckpointError(f"{run.last} was written by {state['world_size']} processes, this run has "
+                                  f"{world}; resume with the same number of processes")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.module.load_state_dict(state["ema"])
+            ema.n_averaged.fill_(state["ema_updates"])
+        restore_rng_state(state["rng"][rank])
+        step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
+        wall, train_time = state["wall"], state["train_time"]
+        recipe.load_state(state)
+    if info.is_main:
+        run.start({**recipe.config_file(), "world_size": world, "device": str(dev), "versions": versions()}, step)
+    D.barrier()
+    ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 \
+        else None
+
+    def checkpoint_state(row: dict[str, Any]) -> dict[str, Any]:
+        return {"model": model.state_dict(), "ema": None if ema is None else ema.module.state_dict(),
+                "ema_updates": 0 if ema is None else int(ema.n_averaged), "config": recipe.config(),
+                "step": step, "epoch": step // loop.steps_per_epoch, "metrics": row, **recipe.state()}
+
+    last = loop.last_step
+    bar = tqdm(total=last, initial=step, disable=not (progress and info.is_main), dynamic_ncols=True,
+               desc=loop.desc)
+    interval, interval_time = None, 0.0  # stats and step seconds since the last evaluation
+    last_good, session_start, wall0 = step, time.perf_counter(), wall
+
+    def diverged(stats: torch.Tensor) -> None:
+        if not torch.isfinite(stats).all():
+            bar.close()
+            kept = f"the last good checkpoint is {run.last} (step {last_good})" if last_good else \
+                "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss is {stats[0].item() / stats[1].item()} at step {step + 1}; the run "
+                                   f"stopped and {kept}. Lower --lr or check the data, then --resume or start again")
+
+    while step < last:
+        epoch, offset = divmod(step, loop.steps_per_epoch)
+        for group in _steps(recipe.micro_batches(epoch, offset), loop.accumulation):
+            tic = time.perf_counter()
+            stats = train_step(ddp or model, optimizer, group, recipe.loss,
+                               autocast=lambda: D.autocast(dev, precision), scaler=scaler,
+                               grad_clip=loop.grad_clip, accumulation=loop.accumulation, ddp=ddp, on_stats=diverged)
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            took = time.perf_counter() - tic
+            interval = stats if interval is None else interval + stats
+            interval_time += took
+            train_time += took
+            recipe.after_step(stats)
+            bar.update(1)
+            bar.set_postfix(recipe.postfix(stats, took), refresh=False)
+
+            if step % loop.eval_every == 0 or step == last:
+                row, score = recipe.record(step, interval, interval_time, model,
+                                           None if ema is None else ema.module, optimizer, scheduler)
+                interval, interval_time = None, 0.0
+                improved = score > best_acc
+                if improved:
+                    best_acc, best_step = score, step
+                rngs = D.all_gather_objects(capture_rng_state())
+                wall = wall0 + time.perf_counter() - session_start
+                if info.is_main:
+                    # Order matters for a kill between writes: best.pt, then the metrics line, then last.pt
+                    # (a resume from the older last.pt redoes and rewrites all three identically).
+                    if improved:
+                        save_checkpoint(run.best, {**checkpoint_state(row), "val_acc": best_acc})
+                    run.append(row)
+                    save_checkpoint(run.last, {
+                        **checkpoint_state(row), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                        "best_acc": best_acc, "best_step": best_step, "wall": wall, "train_time": train_time,
+                        "world_size": world})
+                D.barrier()
+                last_good = step
+                if info.is_main and progress:
+                    bar.write(recipe.report(row, best_acc, best_step))
+            if step >= last:
+                break
+    bar.close()
+
+    best = load_checkpoint(run.best, map_location=dev, required=("model",))
+    wall = wall0 + time.perf_counter() - session_start
+    results = recipe.finish(model, None if ema is None else ema.module, best, {
+        "step": step, "best_acc": best_acc, "best_step": best_step, "wall_time_s": wall, "train_time_s": train_time,
+        "precision": precision})
+    if info.is_main:
+        atomic_write_text(run.results, json.dumps(results, indent=1) + "\n")
+        recipe.artifacts(run.path)
+    D.barrier()
+    return results
