@@ -417,7 +417,7 @@ def imagenet_train(
     data: Annotated[Path, typer.Option(help="ImageFolder root holding train/<class>/* and val/<class>/*.")],
     model: Annotated[str, typer.Option(help="soft_tiny | soft_small | soft_medium | soft_large | soft_huge.")
                      ] = "soft_tiny",
-    out: Annotated[Path, typer.Option(help="Run directory (config.json, log.jsonl, last.pt, best.pt).")
+    out: Annotated[Path, typer.Option(help="Run directory (config.json, metrics.jsonl, last.pt, best.pt, results.json).")
                    ] = Path("runs/imagenet"),
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 300,
     warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.")] = 10,
