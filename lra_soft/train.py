@@ -1,5 +1,5 @@
 """Training and evaluation of the LRA encoder, following the Nystromformer PyTorch harness that SOFT's Table 6 uses
-(paper Section 4.5), with the harness's known pitfalls fixed:
+(paper Section 4.5), with the harness's known traps fixed (docs/pitfalls.md):
 
 - AdamW (betas 0.9/0.999, eps 1e-6, weight decay 0) and the harness's one-cycle learning rate with linear phases:
   lr/25 -> lr over ``warmup`` steps, then linearly down to lr/25e4 at the last step; with ``beta1_cycle`` Adam's
