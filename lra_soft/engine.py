@@ -3,8 +3,8 @@
 A recipe says *what* is trained: the model, its optimizer and schedule, the batches of an epoch, the loss, the
 evaluation and the files a run leaves behind. The engine owns *how*, identically for every recipe:
 
-- the run directory: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``last.pt``, ``best.pt`` and
-  ``results.json``; a directory that holds a run is refused unless ``resume=True``, which continues it;
+- the run directory: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``steps.jsonl`` (the training
+  loss of every step, for the learning curve), ``last.pt``, ``best.pt`` and ``results.json``; a directory that holds a run is refused unless ``resume=True``, which continues it;
 - distributed set-up (``torchrun``: one process per device, DDP averages the gradients), seeding (the same initial
   weights on every process, then a stream per process), gradient accumulation (``no_sync`` on all micro-batches but
   the last), precision (autocast on CUDA, a GradScaler for fp16), gradient clipping, an optional EMA of the weights;
@@ -40,7 +40,8 @@ from lra_soft import distributed as D
 from lra_soft.checkpoint import (CheckpointError, atomic_write_text, capture_rng_state, load_checkpoint,
                                  restore_rng_state, save_checkpoint)
 
-LAST, BEST, METRICS, RESULTS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "results.json", "config.json"
+LAST, BEST, CONFIG, RESULTS = "last.pt", "best.pt", "config.json", "results.json"
+METRICS, STEPS = "metrics.jsonl", "steps.jsonl"  # one row per evaluation; one row per optimizer step (train loss)
 
 
 class TrainingDiverged(RuntimeError):
@@ -181,7 +182,7 @@ class RunDir:
     def __init__(self, path: str | Path, resume: bool):
         self.path = Path(path)
         self.last, self.best = self.path / LAST, self.path / BEST
-        self.metrics, self.results = self.path / METRICS, self.path / RESULTS
+        self.metrics, self.steps, self.results = self.path / METRICS, self.path / STEPS, self.path / RESULTS
         if resume and not self.last.exists():
             raise CheckpointError(f"--resume: {self.last} does not exist (nothing to resume in {self.path}); "
                                   "drop --resume to start a new run")
@@ -195,25 +196,35 @@ class RunDir:
         atomic_write_text(self.path / CONFIG, json.dumps(config, indent=1) + "\n")
         if not self.resume:
             self.metrics.unlink(missing_ok=True)
+            self.steps.unlink(missing_ok=True)
             return
         for stale in self.path.glob(".*.tmp"):  # a write that a kill cut short (never a file we read)
             stale.unlink(missing_ok=True)
-        if self.metrics.exists():
-            keep = []
-            for line in self.metrics.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= step:
-                        keep.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-            atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
+        for path in (self.metrics, self.steps):
+            if path.exists():
+                atomic_write_text(path, "".join(line + "\n" for line in _rows_up_to(path, step)))
 
-    def append(self, row: dict[str, Any]) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+    def append(self, row: dict[str, Any], steps: list[dict[str, Any]] = ()) -> None:
+        """An evaluation's row, after the per-step rows since the last one."""
+        for path, rows in ((self.steps, steps), (self.metrics, [row])):
+            with open(path, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def rows(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+
+def _rows_up_to(path: Path, step: int) -> list[str]:
+    """The JSON lines of ``path`` up to ``step``: a resumed run rewrites what came after its checkpoint, including a
+    line cut short by the kill."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return keep
 
 
 def _older_layout(state: dict[str, Any], path: Path) -> None:
@@ -292,7 +303,7 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
     last = loop.last_step
     bar = tqdm(total=last, initial=step, disable=not (progress and info.is_main), dynamic_ncols=True,
                desc=loop.desc)
-    interval, interval_time = None, 0.0  # stats and step seconds since the last evaluation
+    interval, interval_time, step_rows = None, 0.0, []  # stats, step seconds and step rows since the last evaluation
     last_good, session_start, wall0 = step, time.perf_counter(), wall
 
     def diverged(stats: torch.Tensor) -> None:
@@ -319,13 +330,15 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
             interval_time += took
             train_time += took
             recipe.after_step(stats)
+            step_rows.append({"step": step, "loss": stats[0].item() / stats[1].item(),
+                              "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(recipe.postfix(stats, took), refresh=False)
 
             if step % loop.eval_every == 0 or step == last:
                 row, score = recipe.record(step, interval, interval_time, model,
                                            None if ema is None else ema.module, optimizer, scheduler)
-                interval, interval_time = None, 0.0
+                steps_done, interval, interval_time, step_rows = step_rows, None, 0.0, []
                 improved = score > best_acc
                 if improved:
                     best_acc, best_step = score, step
@@ -336,7 +349,7 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
                     # (a resume from the older last.pt redoes and rewrites all three identically).
                     if improved:
                         save_checkpoint(run.best, {**checkpoint_state(row), "val_acc": best_acc})
-                    run.append(row)
+                    run.append(row, steps_done)
                     save_checkpoint(run.last, {
                         **checkpoint_state(row), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,

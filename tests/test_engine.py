@@ -1,6 +1,7 @@
 """The training engine (``lra_soft.engine``) on a toy recipe: one step over micro-batches equals one full batch,
 micro-batches are drawn lazily, a diverged step changes nothing, run directories refuse or resume, and a stopped run
 resumed ends bit-identical to an uninterrupted one (with an EMA and gradient accumulation)."""
+import json
 from dataclasses import replace
 
 import pytest
@@ -124,6 +125,9 @@ def test_fit_writes_the_run_and_resumes_bit_identically(tmp_path):
     rows = (tmp_path / "straight" / "metrics.jsonl").read_text()
     assert [r["step"] for r in RunDir(tmp_path / "straight", resume=True).rows()] == [2, 4, 6]
     assert (tmp_path / "split" / "metrics.jsonl").read_text() == rows
+    steps = (tmp_path / "straight" / "steps.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in steps.splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "split" / "steps.jsonl").read_text() == steps  # per-step losses too, after the resume
     assert {"config.json", "last.pt", "best.pt", "results.json"} <= {p.name for p in (tmp_path / "split").iterdir()}
 
 
