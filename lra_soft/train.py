@@ -18,7 +18,6 @@ metrics.jsonl, last.pt, best.pt, results.json and learning_curve.png.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -33,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lra_soft import distributed as D
 from lra_soft import engine
 from lra_soft.config import EncoderConfig, TrainConfig
+from lra_soft.curves import plot_learning_curve
 from lra_soft.encoder import build_model
 from lra_soft.engine import Loop, Recipe, TrainingDiverged
 
@@ -194,27 +194,6 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, collate: Callable, *, bat
 
 # --------------------------------------------------------------------------------------------------- run files
 
-def _plot_curve(run_dir: Path) -> None:
-    """learning_curve.png from metrics.jsonl: train loss and dev accuracy against the step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
-    ax1.set(xlabel="step", ylabel="train loss", title="training loss")
-    ax2.plot([r["step"] for r in rows], [100 * r["val_acc"] for r in rows], marker=".", color="C1")
-    ax2.set(xlabel="step", ylabel="dev accuracy (%)", title="dev accuracy")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = run_dir / ".learning_curve.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(run_dir / "learning_curve.png")
-
-
 def model_from_checkpoint(state: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the classifier of a best.pt/last.pt and load its weights; returns (model, stored config)."""
     cfg = state["config"]
@@ -331,7 +310,7 @@ class LRARecipe(Recipe):
                 "tokens_per_s": self.tokens / max(run["train_time_s"], 1e-9)}
 
     def artifacts(self, run_dir: Path) -> None:
-        _plot_curve(run_dir)
+        plot_learning_curve(run_dir)
 
 
 def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskData, run_dir: str | Path, *,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lra_soft import distributed as dist
 from lra_soft import engine
 from lra_soft.checkpoint import CheckpointError, load_checkpoint
+from lra_soft.curves import plot_learning_curve
 from lra_soft.engine import Loop, Recipe
 from lra_soft.imagenet.augment import MixupCutmix, soft_target_cross_entropy
 from lra_soft.imagenet.data import ImageFolder, eval_transform, train_transform
@@ -215,6 +216,11 @@ class ImageNetRecipe(Recipe):
 
     def state(self) -> dict:
         return {"classes": self.classes, "model_config": self.model_config}
+
+    def artifacts(self, run_dir: Path) -> None:
+        top1 = "ema_top1" if self.loop.ema_decay > 0 else "top1"
+        plot_learning_curve(run_dir, loss_key="train_loss", acc_key=top1, acc_scale=1.0,
+                            acc_label=f"val top-1 (%){' of the EMA' if top1 == 'ema_top1' else ''}")
 
     def finish(self, model, ema, best, run) -> dict:
         return {"model": self.cfg.model, **self.last_row, "best_top1": run["best_acc"],
