@@ -76,6 +76,7 @@ class Recipe:
     first two entries are (sum of losses, their count): the divergence check and the progress bar read those.
     """
     loop: Loop
+    progress: bool = False  # set by ``fit``: progress bars wanted (and this is the main process)
 
     def setup(self, info: D.DistInfo) -> None: ...
     def build_model(self) -> nn.Module: raise NotImplementedError
@@ -254,6 +255,7 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
     """Train ``recipe``, evaluate on its cadence, keep the best, finish; returns results.json (on every process)."""
     info = D.init_distributed(device)
     dev, world, rank = info.device, info.world_size, info.rank
+    recipe.progress = progress and info.is_main
     recipe.setup(info)
     loop = recipe.loop
     run = RunDir(run_dir, resume)

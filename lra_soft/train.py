@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
 
 from lra_soft import distributed as D
 from lra_soft import engine
@@ -165,11 +166,12 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, collate: Callable, *, batch_size: int,
-             device: torch.device, max_batches: int = 0, precision: str = "bf16") -> dict[str, float]:
+             device: torch.device, max_batches: int = 0, precision: str = "bf16", progress: str = ""
+             ) -> dict[str, float]:
     """Accuracy and mean loss over ``dataset`` (every item, in order; the first ``max_batches`` batches if set).
 
     Under torchrun each process takes every world-th item and the counts are summed, so no item is dropped or
-    counted twice.
+    counted twice. ``progress``: the label of a progress bar (on the main process; none when empty).
     """
     model.eval()
     n = len(dataset)
@@ -180,7 +182,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, collate: Callable, *, bat
     loader = DataLoader(dataset, batch_sampler=[mine[i:i + local] for i in range(0, len(mine), local)],
                         collate_fn=collate, generator=torch.Generator())
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss * count
-    for batch in loader:
+    for batch in tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
+                      disable=not (progress and D.is_main())):
         batch = _to(batch, device)
         with D.autocast(device, precision):
             logits = model(**{k: batch[k] for k in INPUTS if k in batch})
@@ -268,7 +271,8 @@ class LRARecipe(Recipe):
     def record(self, step, stats, seconds, model, ema, optimizer, scheduler):
         cfg = self.train_cfg
         dev = evaluate(model, self.data.val, self.collate, batch_size=cfg.batch_size, device=self.info.device,
-                       max_batches=cfg.eval_batches, precision=self._precision())
+                       max_batches=cfg.eval_batches, precision=self._precision(),
+                       progress=f"dev evaluation at step {step}" if self.progress else "")
         loss_sum, items, correct, tokens = stats.tolist()
         row = {"step": step, "loss": loss_sum / items, "acc": correct / items, "lr": scheduler.get_last_lr()[0],
                "beta1": optimizer.param_groups[0]["betas"][0], "tokens_per_s": tokens / seconds,
@@ -297,7 +301,8 @@ class LRARecipe(Recipe):
     def finish(self, model, ema, best, run):
         model.load_state_dict(best["model"])
         test = evaluate(model, self.data.test, self.collate, batch_size=self.train_cfg.batch_size,
-                        device=self.info.device, precision=run["precision"])
+                        device=self.info.device, precision=run["precision"],
+                        progress="test evaluation of best.pt" if self.progress else "")
         diffs = self.differences
         return {"task": self.task, "attention": self.model_cfg.attention,
                 "attention_options": self.model_cfg.attention_options,
