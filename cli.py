@@ -248,7 +248,8 @@ def eval_(
         collate = collate_fn(data.collate, train_cfg["pad_to"], cfg["model"]["max_len"])
         metrics = evaluate(model.to(info.device), getattr(data, split), collate, device=info.device,
                            batch_size=batch_size or train_cfg["batch_size"],
-                           precision=train_cfg.get("precision", "bf16"))
+                           precision=train_cfg.get("precision", "bf16"),
+                           progress=f"evaluating {checkpoint.name} on {split}" if progress else "")
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         D.cleanup()
         _fail(e)
