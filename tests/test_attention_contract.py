@@ -4,7 +4,7 @@ Each variant is built through ``build_attention`` with its defaults; the variant
 test sequence in a single chunk / landmark / feature block are also built with small options so that the chunked
 paths run. Padding invariance: a batch with padding is padded again to twice its length with random tokens and with
 new random content in its padded positions; outputs at valid positions must not move by more than ``TOLERANCE``
-(1e-5 in float32 for every variant; ``python tests/test_attention_contract.py`` prints the measured errors).
+(1e-5 in float32 for every variant; ``python scripts/padding_table.py`` prints the measured errors).
 Random draws (Reformer's training-mode rotations) are reseeded before each forward pass so that two passes differ
 only by their padding. The README's Attentions table is held to every constructor's options and defaults.
 """
@@ -184,28 +184,3 @@ def test_readme_table_lists_every_option_with_its_default(name):
     expected = attention_options(name)
     assert listed == expected, f"README row of {name!r} lists {listed}, the constructor has {expected}"
 
-
-def test_report_padding_invariance(capsys):
-    """The measured padding-invariance error of every variant (run with -s, or run this file, to see the table)."""
-    rows = [(i, n, mode, padding_invariance_error(name, options, n, mode))
-            for (name, options), i in zip(CASES, IDS) for n in LENGTHS for mode in ("train", "eval")]
-    with capsys.disabled():
-        print("\npadding invariance, max |change| of a valid output (float32):")
-        for case, n, mode, error in rows:
-            print(f"  {case:<34} n={n:<3} {mode:<5} {error:.2e}")
-    assert all(error <= TOLERANCE.get(case.split("-")[0], 1e-5) for case, _, _, error in rows)
-
-
-if __name__ == "__main__":
-    # the test sizes, then an LRA-sized layer (dim 64, 2 heads, lengths 1000 / 500 / 1 padded to 2000)
-    for n, dim, lra_defaults in [*((n, DIM, False) for n in LENGTHS), (1000, 64, True)]:
-        for (name, options), case in zip(CASES, IDS):
-            if lra_defaults and options:
-                continue
-            results = []
-            for mode in ("train", "eval"):
-                for relative in (False, True):
-                    torch.manual_seed(0)
-                    results.append(padding_invariance_error(name, options, n, mode, dim=dim, relative=relative))
-            print(f"{case:<36} n={n:<5} dim={dim:<3} train {results[0]:.2e} (rel {results[1]:.1e})  "
-                  f"eval {results[2]:.2e} (rel {results[3]:.1e})")
