@@ -29,6 +29,7 @@ def _mmapped_bytes(mode: str) -> tuple[int, int]:
     return applied, grown
 
 
+@pytest.mark.slow  # two subprocesses, each importing torch
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_large_tensors_come_from_the_heap_once_tuned():
     try:

@@ -130,6 +130,7 @@ def test_cli_bench_bad_input_fails_clearly(tmp_path, args, message):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow  # torch.compile
 def test_cli_bench_compiled_rows(tmp_path):
     res = CliRunner().invoke(app, ["bench", "--attn", "softmax", "--compile", "--compile-backend", "eager",
                                    "--no-flops", "--no-floors", "--out", str(tmp_path), *TINY])
@@ -164,6 +165,7 @@ def test_cli_bench_model_lra_and_fig1b_protocol(tmp_path):
     assert row["options"]["num_landmarks"] == 49 and row["step_mem_mb"] > 0
 
 
+@pytest.mark.slow  # builds and times a SOFT ImageNet backbone
 def test_model_bench_imagenet_tiny():
     vision = pytest.importorskip("lra_soft.vision")
     small = dict(dims=(32, 32, 32, 32), heads=(1, 1, 1, 1), depths=(1, 1, 1, 1), iters=3)  # soft_tiny, thinner

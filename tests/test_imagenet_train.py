@@ -39,6 +39,7 @@ SMOKE = ["--img-size", "32", "--global-batch", "4", "--micro-batch", "2", "--epo
          "--max-steps", "2", "--workers", "0", "--device", "cpu", "--ema-decay", "0.9"]
 
 
+@pytest.mark.slow  # trains, evaluates and summarises through the CLI
 def test_cli_train_two_steps_then_eval(image_folder, tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["imagenet", "train", "--data", str(image_folder), "--out", str(out), *SMOKE])
@@ -67,6 +68,7 @@ def test_cli_reports_bad_input(image_folder, tmp_path):
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
+@pytest.mark.slow  # three short trainings
 def test_resume_continues_exactly(image_folder, tmp_path):
     """Two steps in one go == one step, stop, resume, one more step (workers=0: every random draw is restored)."""
     cfg = ImageNetConfig(img_size=32, global_batch=4, micro_batch=2, epochs=2, warmup_epochs=1, workers=0,
@@ -102,6 +104,7 @@ def test_no_weight_decay_on_biases_norms_positions_cls():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_torchrun_two_processes(image_folder, tmp_path):
     """DDP on CPU (gloo): `torchrun --nproc_per_node 2 cli.py imagenet train` with 2 micro-batches per process (no_sync
     on the first), 1 step per epoch; each evaluation counts every image once over the two ranks' shards."""

@@ -171,6 +171,7 @@ def _train(out, data_dir, *extra):
                                "--device", "cpu", "--no-progress", *extra])
 
 
+@pytest.mark.slow  # four trainings, every batch padded to 2,048 tokens
 def test_paper_runs_record_their_protocol_and_eval_all_groups_them(tmp_path):
     data, runs = tmp_path / "cache", tmp_path / "runs"
     for seed in (0, 1):

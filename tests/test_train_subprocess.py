@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "data" / "fixtures" / "listops"
 METRICS = ("test_acc", "test_examples", "test_loss", "best_val_acc", "best_step", "steps")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+pytestmark = pytest.mark.slow  # every test here runs whole trainings in subprocesses
 
 
 @pytest.fixture(scope="module")
