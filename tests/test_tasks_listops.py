@@ -174,3 +174,38 @@ def test_generated_default_cache_is_reused_and_rebuilt_on_new_options(tmp_path):
     tasks.prepare("listops", None, tmp_path, progress=False, **small, seed=1)
     assert read_manifest(cache)["options"]["seed"] == 1
     assert read_manifest(cache)["generated_files"]["train"]["sha256"] != manifest["generated_files"]["train"]["sha256"]
+
+
+def test_generator_2_gives_the_same_bytes_on_any_number_of_processes(tmp_path):
+    opts = dict(seed=4, num_train=300, num_val=20, num_test=20, min_length=20, max_length=200)
+    files = [listops.write_generated(tmp_path / str(w), workers=w, **opts) for w in (1, 2, 3)]
+    for split in ("train", "val", "test"):
+        assert files[0][split].read_bytes() == files[1][split].read_bytes() == files[2][split].read_bytes()
+    rows = listops.generate(340, **{k: opts[k] for k in ("seed", "min_length", "max_length")})
+    assert all(label == reference_value(s) for s, label in rows)
+    assert len({s for s, _ in rows}) == 340 and all(20 < len(listops.tokenize(s)) < 200 for s, _ in rows)
+
+
+def test_generator_1_is_the_sequential_stream_of_the_first_standard_set():
+    """Frozen bytes: generator 1 is what lra-soft generated before generator 2 (the first published runs)."""
+    import hashlib
+    rows = listops.generate(50, seed=0, min_length=10, max_length=100, generator=1)
+    assert hashlib.sha256(listops.tsv_bytes(rows)).hexdigest() == \
+        "11626cad0f0162dd532569e2ae444b8b3c082a074508749873acb42433dda8c8"
+
+
+def test_both_generators_draw_the_same_distribution():
+    """Labels and lengths of 600 short trees each: the fast draw of generator 2 keeps the official distribution
+    (a two-sample check loose enough for chance, tight enough for a wrong branch probability or arity)."""
+    kw = dict(seed=9, min_length=5, max_length=120)
+    one, two = listops.generate(600, generator=1, **kw), listops.generate(600, generator=2, workers=1, **kw)
+    lengths = [np.array([len(listops.tokenize(s)) for s, _ in rows]) for rows in (one, two)]
+    assert abs(lengths[0].mean() - lengths[1].mean()) < 4 * np.hypot(lengths[0].std(), lengths[1].std()) / 600 ** .5
+    labels = [np.bincount([label for _, label in rows], minlength=10) / 600 for rows in (one, two)]
+    assert np.abs(labels[0] - labels[1]).max() < 0.06
+
+
+def test_unknown_generator_is_refused_before_any_work(tmp_path):
+    with pytest.raises(DataError, match="generator=3 .* must be one of \\[1, 2\\]"):
+        tasks.prepare("listops", None, tmp_path, progress=False, generator=3)
+    assert not (tmp_path / "listops").exists()
