@@ -22,7 +22,8 @@ import multiprocessing
 import os
 import random
 from concurrent.futures import ProcessPoolExecutor
-from collections.abc import Iterable, Iterator
+from functools import partial
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -222,25 +223,29 @@ def _block(seed: int, index: int, shape: dict[str, int]) -> list[tuple[str, int,
 
 def _blocks(seed: int, shape: dict[str, int], workers: int) -> Iterator[list[tuple[str, int, bytes]]]:
     """Blocks 0, 1, 2, ... in order, computed ahead on ``workers`` processes (0 = every core, 1 = this one)."""
+    return ordered_map(partial(_block, seed, shape=shape), itertools.count(), workers)
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 0) -> Iterator[Any]:
+    """``map(fn, items)`` on ``workers`` processes (0 = every core, 1 = this process), results in input order;
+    ``items`` may be endless: a window of two items per worker is computed ahead, the rest is cancelled on close."""
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if workers <= 1:
-        for index in itertools.count():
-            yield _block(seed, index, shape)
+        yield from map(fn, items)
         return
-    # The parent only merges and writes; a window of 2 blocks per worker keeps every core busy.
-    # fork where there is one: workers only run this module's pure-Python drawing, and fork needs no importable
+    # fork where there is one: workers run this module's pure-Python code only, and fork needs no importable
     # __main__ (spawn re-imports it, which fails from a notebook or stdin)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    items = iter(items)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        ahead = collections.deque(pool.submit(_block, seed, i, shape) for i in range(2 * workers))
-        index = len(ahead)
+        ahead = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, 2 * workers))
         try:
-            while True:
-                block = ahead.popleft().result()
-                ahead.append(pool.submit(_block, seed, index, shape))
-                index += 1
-                yield block
+            while ahead:
+                result = ahead.popleft().result()
+                for item in itertools.islice(items, 1):
+                    ahead.append(pool.submit(fn, item))
+                yield result
         finally:
             for future in ahead:
                 future.cancel()
@@ -292,34 +297,57 @@ def tokenize(source: str) -> list[str]:
     return source.replace("]", "X").replace("(", "").replace(")", "").split()
 
 
-def read_tsv(path: Path):
-    """Yield (line number, token ids, label) from an official ListOps TSV; malformed lines fail naming file and line."""
+CHUNK_LINES = 2048              # lines of a TSV tokenized per task when tokenizing on several processes
+PARALLEL_BYTES = 16 * 2**20     # files larger than this are tokenized on every core
+
+
+def read_tsv(path: Path, workers: int = 1):
+    """Yield (line number, token ids, label) from an official ListOps TSV; malformed lines fail naming file and line
+    (the first one in the file, whatever ``workers``: chunks of lines are tokenized on that many processes)."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            if number == 1:
-                if line != "Source\tTarget":
-                    raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', got {show_line(line)}")
-                continue
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise DataError(f"{path}:{number}: expected 2 tab-separated fields (Source, Target), got "
-                                f"{len(fields)}: {show_line(line)}")
-            try:
-                label = int(fields[1])
-            except ValueError:
-                raise DataError(f"{path}:{number}: Target {fields[1]!r} is not an integer: {show_line(line)}") from None
-            if not 0 <= label < 10:
-                raise DataError(f"{path}:{number}: label {label} out of range 0..9: {show_line(line)}")
-            tokens = tokenize(fields[0])
-            unknown = sorted(set(tokens) - TOKEN_ID.keys())
-            if unknown or not tokens:
-                raise DataError(f"{path}:{number}: unknown token(s) {unknown or 'none at all'} (vocabulary "
-                                f"{VOCAB[1:]}): {show_line(line)}")
-            ids = np.fromiter((TOKEN_ID[t] for t in tokens), dtype=np.int64, count=len(tokens))
-            yield number, ids, label
+        raw = f.readline()
+        if not raw:
+            return  # an empty file: the caller reports the empty split
+        header = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if header != "Source\tTarget":
+            raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', got {show_line(header)}")
+        chunks = ((path, start, lines) for start, lines in _chunks(f, first=2))
+        for rows in ordered_map(_parse_lines, chunks, workers):
+            yield from rows
+
+
+def _chunks(f, first: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, lines) of up to ``CHUNK_LINES`` lines each."""
+    number = first
+    while lines := list(itertools.islice(f, CHUNK_LINES)):
+        yield number, lines
+        number += len(lines)
+
+
+def _parse_lines(chunk: tuple[Path, int, list[bytes]]) -> list[tuple[int, np.ndarray, int]]:
+    path, start, lines = chunk
+    rows = []
+    for number, raw in enumerate(lines, start=start):
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2:
+            raise DataError(f"{path}:{number}: expected 2 tab-separated fields (Source, Target), got "
+                            f"{len(fields)}: {show_line(line)}")
+        try:
+            label = int(fields[1])
+        except ValueError:
+            raise DataError(f"{path}:{number}: Target {fields[1]!r} is not an integer: {show_line(line)}") from None
+        if not 0 <= label < 10:
+            raise DataError(f"{path}:{number}: label {label} out of range 0..9: {show_line(line)}")
+        tokens = tokenize(fields[0])
+        unknown = sorted(set(tokens) - TOKEN_ID.keys())
+        if unknown or not tokens:
+            raise DataError(f"{path}:{number}: unknown token(s) {unknown or 'none at all'} (vocabulary "
+                            f"{VOCAB[1:]}): {show_line(line)}")
+        rows.append((number, np.fromiter((TOKEN_ID[t] for t in tokens), dtype=np.int64, count=len(tokens)), label))
+    return rows
 
 
 def _has_files(path: Path) -> bool:
@@ -367,7 +395,8 @@ def _tokenize_files(files: dict[str, Path], out: Path, progress: bool, root: Pat
     counts, longest = {}, 0
     for split, path in files.items():
         writer = SplitWriter(out, split, vocab_size=len(VOCAB), num_classes=10)
-        for _, ids, label in tqdm(read_tsv(path), desc=f"tokenizing {path.name}", unit="line", disable=not progress):
+        workers = 0 if path.stat().st_size > PARALLEL_BYTES else 1  # processes pay off on the big files only
+        for _, ids, label in tqdm(read_tsv(path, workers), desc=f"tokenizing {path.name}", unit="line", disable=not progress):
             writer.add(label, ids)
         counts[split] = writer.close()
         longest = max(longest, writer.longest)

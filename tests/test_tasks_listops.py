@@ -209,3 +209,17 @@ def test_unknown_generator_is_refused_before_any_work(tmp_path):
     with pytest.raises(DataError, match="generator=3 .* must be one of \\[1, 2\\]"):
         tasks.prepare("listops", None, tmp_path, progress=False, generator=3)
     assert not (tmp_path / "listops").exists()
+
+
+def test_tokenizing_on_several_processes_gives_the_same_rows_and_the_first_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(listops, "CHUNK_LINES", 7)  # many chunks from a small file
+    path = tmp_path / "basic_train.tsv"
+    path.write_bytes(listops.tsv_bytes(listops.generate(60, seed=2, min_length=5, max_length=50)))
+    one = [(n, ids.tolist(), label) for n, ids, label in listops.read_tsv(path, workers=1)]
+    two = [(n, ids.tolist(), label) for n, ids, label in listops.read_tsv(path, workers=2)]
+    assert one == two and [n for n, _, _ in one] == list(range(2, 62))
+    lines = path.read_bytes().split(b"\r\n")
+    lines[40], lines[50] = b"( [MAX 1 2 ] )\t12", b"( [MAX 1 Q ] )\t1"  # two errors, in different chunks
+    path.write_bytes(b"\r\n".join(lines))
+    with pytest.raises(DataError, match=r"basic_train.tsv:41: label 12 out of range"):
+        list(listops.read_tsv(path, workers=2))
