@@ -13,7 +13,6 @@ SLOW = {
     "tests/test_soft.py::test_newton_converges_to_pinv[paper-512]",
     "tests/test_soft.py::test_newton_converges_to_pinv[spectral-512]",
     "tests/test_soft.py::test_newton_residual_decreases_monotonically",
-    "tests/test_soft.py::test_torch_compile_fullgraph",
     "tests/test_vision.py::test_backward_reaches_every_parameter[default]",
     "tests/test_vision.py::test_newton_layer_matches_exact_pseudo_inverse[True]",
     "tests/test_vision.py::test_other_resolutions[hw0]",

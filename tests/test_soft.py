@@ -1,12 +1,17 @@
 """SOFT against its exact references: torch.linalg.pinv for the Newton inverse, exact Gaussian-kernel attention for the
-Nystrom product, autograd through the iterations for the analytic backward, and gradcheck in float64."""
+Nystrom product, autograd through the iterations for the analytic backward, and gradcheck in float64. The fused CPU
+product has its own file, tests/test_soft_fused.py."""
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
-from lra_soft.attention import build_attention
+from lra_soft.attention import attention_options, build_attention
 from lra_soft.attention.gaussian import gaussian_attention
-from lra_soft.attention.soft import (gaussian_kernel, newton_alpha, newton_inverse, newton_inverse_unrolled,
-                                     sample_landmarks, soft_attention)
+from lra_soft.attention.soft import SoftAttention, soft_attention
+from lra_soft.attention.soft_reference import (SoftOptions, gaussian_kernel, newton_alpha, newton_inverse,
+                                               newton_inverse_unrolled, sample_landmarks, soft_attention_reference)
 
 
 def landmark_matrix(m, d=32, window=4, batch=2, heads=2, dtype=torch.float64):
@@ -93,14 +98,15 @@ def test_analytic_backward_inside_soft_matches_unrolled():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("fn", [soft_attention, soft_attention_reference])
 @pytest.mark.parametrize("inverse", ["newton", "solve", "pinv"])
-def test_window_one_equals_exact_gaussian_attention(inverse):
+def test_window_one_equals_exact_gaussian_attention(inverse, fn):
     """Every token a landmark: P = A = S, so S A^+ S V = S V exactly (outputs and gradients)."""
     q = (2 * torch.randn(2, 2, 24, 8, dtype=torch.float64)).requires_grad_()
     v = torch.randn(2, 2, 24, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(2, 24, dtype=torch.bool)
     mask[1, 15:] = False
-    out = soft_attention(q, v, mask, window=1, inverse=inverse, iters=60, ridge=0.0)
+    out = fn(q, v, mask, window=1, inverse=inverse, iters=60, ridge=0.0)
     ref = gaussian_attention(q, v, mask)
     torch.testing.assert_close(out, ref, rtol=1e-8, atol=1e-8)
     g = torch.randn_like(out)
@@ -166,15 +172,42 @@ def test_random_sampling_uses_only_valid_tokens():
     assert torch.isfinite(out).all() and out[:, :, 10:].abs().max() == 0
 
 
-def test_bf16_autocast_keeps_float32_internals():
+@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(inverse="pinv")])
+def test_bf16_autocast_keeps_float32_internals(options):
+    """Under bf16 autocast the kernel and the inverse still run in float32: float32 inputs give bit for bit the
+    output of a call without autocast, and bf16 inputs that of their float32 upcast, rounded to bf16 at the end."""
+    q, v = torch.randn(2, 2, 100, 32), torch.randn(2, 2, 100, 32)
+    mask = torch.arange(100) < torch.tensor([[100], [61]])
+    ref = soft_attention(q, v, mask, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = soft_attention(q, v, mask, **options)
+        out_bf16 = soft_attention(q.bfloat16(), v.bfloat16(), mask, **options)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    upcast = soft_attention(q.bfloat16().float(), v.bfloat16().float(), mask, **options)
+    assert out_bf16.dtype == torch.bfloat16 and torch.equal(out_bf16, upcast.bfloat16())
+
+
+def test_bf16_autocast_module():
     attn = build_attention("soft", 64, 2, max_len=256)
     x = torch.randn(2, 100, 64)
     ref = attn(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attn(x)
     assert out.dtype == torch.bfloat16
-    # only the bf16 projections differ; the kernel and the inverse ran in float32
-    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()  # only the bf16 projections differ
+
+
+def test_options_are_declared_once():
+    """SoftOptions is the one declaration: the module's constructor, both functions and the registry list its fields
+    with its defaults, and `SoftAttention.options` holds exactly them."""
+    defaults = dataclasses.asdict(SoftOptions())
+    assert attention_options("soft") == defaults
+    for fn in (soft_attention, soft_attention_reference, SoftAttention.__init__):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in defaults} == defaults, fn
+    assert build_attention("soft", 8, 2, max_len=8, iters=3).options == {**defaults, "iters": 3}
+    with pytest.raises(TypeError, match="no_such_option"):
+        soft_attention(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), no_such_option=1)
 
 
 def test_landmark_counts():
@@ -203,6 +236,8 @@ def test_bad_options_fail_clearly(bad, message):
     with pytest.raises(ValueError, match=message):
         soft_attention(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), **bad)
     with pytest.raises(ValueError, match=message):
+        soft_attention_reference(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), **bad)
+    with pytest.raises(ValueError, match=message):
         build_attention("soft", 8, 2, max_len=8, **bad)
 
 
@@ -211,86 +246,3 @@ def test_bad_shapes_fail_clearly():
         newton_inverse(torch.randn(3, 4))
     with pytest.raises(ValueError, match="mask"):
         soft_attention(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4), torch.ones(1, 7, dtype=torch.bool))
-
-
-@pytest.mark.parametrize("options", [dict(), dict(num_landmarks=8), dict(inverse="solve")])
-def test_torch_compile_fullgraph(options):
-    """No graph breaks (fullgraph=True) and the same outputs and gradients. aot_eager traces forward and the custom
-    backward exactly as inductor would receive them, without the minute of CPU code generation."""
-    q = torch.randn(2, 2, 40, 8, requires_grad=True)
-    v = torch.randn(2, 2, 40, 8, requires_grad=True)
-    mask = torch.arange(40) < torch.tensor([[40], [23]])
-    fn = lambda q, v: soft_attention(q, v, mask, **options)  # noqa: E731
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    ref, out = fn(q, v), compiled(q, v)
-    torch.testing.assert_close(out, ref)
-    for a, b in zip(torch.autograd.grad(ref.sum(), (q, v)), torch.autograd.grad(out.sum(), (q, v))):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 5e-5)])
-def test_inference_product_form_equals_algorithm_2(dtype, tol):
-    """Without gradients, A_T W is computed as A_0 prod_k (2I - T_k) W: Algorithm 2's result at half the products."""
-    q = torch.randn(2, 2, 512, 32, dtype=dtype)
-    v = torch.randn(2, 2, 512, 32, dtype=dtype)
-    with torch.no_grad():
-        fast = soft_attention(q, v)
-    algorithm_2 = soft_attention(q.requires_grad_(), v).detach()
-    assert ((fast - algorithm_2).abs().max() / algorithm_2.abs().max()).item() < tol
-
-
-@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6)])
-def test_blocked_kernel_equals_one_block(options, monkeypatch):
-    """The CPU blocking over tokens (cache-sized blocks of P) changes nothing: outputs and gradients."""
-    import lra_soft.attention.soft as soft
-
-    q = torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True)
-    mask = torch.arange(50) < torch.tensor([[50], [31]])
-    g = torch.randn(2, 2, 50, 8, dtype=torch.float64)
-    results = []
-    for elements, minimum in [(1 << 20, 256), (64, 7)]:  # one block; blocks of 7 tokens (the last one shorter)
-        monkeypatch.setattr(soft, "CHUNK_ELEMENTS", elements)
-        monkeypatch.setattr(soft, "MIN_CHUNK", minimum)
-        out = soft_attention(q, v, mask, iters=30, **options)
-        results.append((out, *torch.autograd.grad((out * g).sum(), (q, v))))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6)])
-def test_head_split_layout_is_kept_and_changes_nothing(options):
-    """q, v as head-split views of (b, n, h, d) memory give the same outputs and gradients as contiguous copies, and
-    the output and gradients keep that memory layout (so merging the heads back costs no copy)."""
-    x = torch.randn(2, 40, 2, 8, dtype=torch.float64)  # (b, n, h, d)
-    mask = torch.arange(40) < torch.tensor([[40], [23]])
-    g = torch.randn(2, 2, 40, 8, dtype=torch.float64)
-    results = []
-    for split in (True, False):
-        q = x.clone().requires_grad_()
-        v = (2 * x).clone().requires_grad_()
-        qh, vh = q.transpose(1, 2), v.transpose(1, 2)  # (b, h, n, d) views
-        out = soft_attention(qh if split else qh.contiguous(), vh if split else vh.contiguous(), mask, **options)
-        results.append((out, *torch.autograd.grad((out * g).sum(), (q, v))))
-        if split:
-            assert out.transpose(1, 2).is_contiguous()
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6), dict(sampling="first")])
-def test_nan_in_padding_does_not_leak(options):
-    """Whatever padded rows hold (here NaN and inf) changes nothing at valid positions, in outputs or gradients."""
-    mask = torch.arange(40) < torch.tensor([[40], [23]])
-    q0, v0 = torch.randn(2, 2, 40, 8, dtype=torch.float64), torch.randn(2, 2, 40, 8, dtype=torch.float64)
-    g = torch.randn(2, 2, 40, 8, dtype=torch.float64)
-    results = []
-    for junk in (0.0, float("nan"), float("inf")):
-        q = q0.masked_fill(~mask[:, None, :, None], junk).requires_grad_()
-        v = v0.masked_fill(~mask[:, None, :, None], junk).requires_grad_()
-        out = soft_attention(q, v, mask, **options)
-        results.append((out, *torch.autograd.grad((out * g).sum(), (q, v))))
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.isfinite(b).all()
-            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from lra_soft.attention.soft import NEWTON_INIT, gaussian_kernel, newton_inverse, sample_landmarks
+from lra_soft.attention.soft_reference import NEWTON_INIT, gaussian_kernel, newton_inverse, sample_landmarks
 
 
 def landmark_kernel_matrix(m: int, *, d: int = 32, window: int = 4, batch: int = 4, seed: int = 0,
