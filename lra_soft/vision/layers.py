@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lra_soft.attention import build_attention
 from lra_soft.attention._common import merge_heads, split_heads
-from lra_soft.attention.soft import soft_attention
+from lra_soft.attention.soft import SoftOptions, soft_attention
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -74,17 +74,23 @@ class SoftAttention2d(nn.Module):
     Q = K (one projection ``W_q``), landmarks Q~ = f_s(Q) by an r x r stride-r convolution (weights shared by the
     heads, no bias) or average pooling, m = floor(H / r) floor(W / r); ``soft_attention`` does the rest. ``v_conv``
     adds the authors' depthwise k x k convolution of V (one filter per head, shared by its d channels).
+    ``soft_options`` are the inverse's fields of ``SoftOptions`` (``inverse``, ``iters``, ``newton_init``,
+    ``newton_grad``, ``ridge``), with its defaults; the landmarks come from here, so its sampling fields do not apply.
     """
 
     def __init__(self, dim: int, heads: int, *, sampling_ratio: int, landmarks: str = "conv",
-                 landmark_norm: bool = False, v_conv: int = 0, dropout: float = 0.0, inverse: str = "newton",
-                 iters: int = 20, newton_init: str = "paper", newton_grad: str = "analytic"):
+                 landmark_norm: bool = False, v_conv: int = 0, dropout: float = 0.0, **soft_options):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        sampling = sorted(set(soft_options) & {"sampling", "window", "num_landmarks"})
+        if sampling:
+            raise ValueError(f"SoftAttention2d samples its landmarks on the H x W map (sampling_ratio, landmarks); "
+                             f"it takes no {sampling}")
+        SoftOptions(**soft_options)  # unknown names and bad values fail here, at construction
         d = dim // heads
         self.heads, self.ratio = heads, sampling_ratio
-        self.soft_options = dict(inverse=inverse, iters=iters, newton_init=newton_init, newton_grad=newton_grad)
+        self.soft_options = dict(soft_options)
         self.W_q = nn.Linear(dim, dim)
         self.W_v = nn.Linear(dim, dim)
         self.ff = nn.Linear(dim, dim)
