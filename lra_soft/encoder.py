@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lra_soft.attention import build_attention
 from lra_soft.config import EncoderConfig
 from lra_soft.dropout import Dropout
+from lra_soft.mlp import MLP
 
 POOLINGS = ("mean", "mean_padded", "cls")
 
@@ -36,11 +37,6 @@ def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
     if mode == "cls":
         return x[:, 0]
     raise ValueError(f"unknown pooling {mode!r}; choose from {POOLINGS}")
-
-
-class MLP(nn.Sequential):
-    def __init__(self, dim: int, hidden: int, dropout: float):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim), Dropout(dropout))
 
 
 class Block(nn.Module):

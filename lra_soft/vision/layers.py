@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lra_soft.attention import build_attention
 from lra_soft.attention._common import merge_heads, split_heads
 from lra_soft.attention.soft import SoftOptions, soft_attention
+from lra_soft.mlp import MLP
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -47,12 +48,6 @@ class ConvBNReLU(nn.Sequential):
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
-        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
-                         nn.Dropout(dropout))
 
 
 class HeadConv2d(nn.Conv2d):
@@ -136,7 +131,7 @@ class SoftLayer(nn.Module):
         super().__init__()
         self.post_norm = {"post": True, "pre": False}[norm]
         self.attn = SoftAttention2d(dim, heads, dropout=dropout, **attention_options)
-        self.mlp = FeedForward(dim, mlp_ratio * dim, dropout)
+        self.mlp = MLP(dim, mlp_ratio * dim, dropout, drop_layer=nn.Dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path)
 
@@ -155,7 +150,7 @@ class GlobalLayer(nn.Module):
                  attention_options: dict, drop_path: float, dropout: float):
         super().__init__()
         self.attn = build_attention(attention, dim, heads, max_len=max_len, dropout=dropout, **attention_options)
-        self.mlp = FeedForward(dim, mlp_ratio * dim, dropout)
+        self.mlp = MLP(dim, mlp_ratio * dim, dropout, drop_layer=nn.Dropout)
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.drop_path = DropPath(drop_path)
 
