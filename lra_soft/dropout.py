@@ -25,7 +25,7 @@ masks and a restored ``torch.get_rng_state()`` resumes them; the masks differ fr
 Off the CPU (CUDA's fused dropout is already fast), outside training and for p == 0 this is ``F.dropout``.
 
 Measured on this machine at p = 0.1, float32, min of 5 interleaved calls each, the table three times (ranges):
-``.venv/bin/python -c "from lra_soft.dropout import benchmark; benchmark()"``
+``.venv/bin/python -c "from lra_soft.bench.dropout import benchmark; benchmark()"``
 
     (32, 2048, 64)   forward            F.dropout 31-33 ms    this 9.9-10.2 ms
     (32, 2048, 64)   forward+backward   F.dropout 34-35 ms    this 13.4-13.8 ms
@@ -106,25 +106,3 @@ class Dropout(nn.Dropout):
     def forward(self, x: Tensor) -> Tensor:
         return dropout(x, self.p, self.training, self.inplace)
 
-
-def _call(fn, x: Tensor, backward: bool):
-    """One timed call: ``fn(x, 0.1, True)``, then its gradient when ``backward`` (any gradient shaped like x will do)."""
-    if backward:
-        return lambda: torch.autograd.grad(fn(x, 0.1, True), x, x.detach())
-    return lambda: fn(x, 0.1, True)
-
-
-def benchmark(repeats: int = 3) -> None:
-    """F.dropout against ``dropout`` at p = 0.1 on the CPU, interleaved, min of 5 calls; the whole table ``repeats``
-    times."""
-    from lra_soft.bench.measure import time_rounds  # lazily: lra_soft.bench imports the attentions, which import us
-
-    for repeat in range(repeats):
-        for shape in ((32, 2048, 64), (32, 2048, 128)):
-            x = torch.randn(shape, requires_grad=True)
-            for name, backward in (("forward", False), ("forward+backward", True)):
-                t = time_rounds({"torch": _call(F.dropout, x, backward), "ours": _call(dropout, x, backward)},
-                                torch.device("cpu"))
-                ref, ours = 1e3 * t["torch"].min, 1e3 * t["ours"].min
-                print(f"repeat {repeat}  {shape!s:16} {name:17} F.dropout {ref:6.1f} ms   "
-                      f"lra_soft.dropout {ours:6.1f} ms   x{ref / ours:.2f}", flush=True)
