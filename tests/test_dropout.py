@@ -155,8 +155,12 @@ def test_encoder_state_dict_loads_into_torch_dropout_model():
             if isinstance(child, Dropout):
                 setattr(m, name, nn.Dropout(child.p))
     assert not any(type(m) is Dropout for m in reference.modules())
-    assert reference.load_state_dict(model.state_dict()) is not None
     assert model.state_dict().keys() == reference.state_dict().keys()
+    loaded = reference.load_state_dict(model.state_dict())
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    ids, mask = torch.randint(0, 20, (3, 16)), torch.arange(16) < torch.tensor([[16], [9], [4]])
+    # the two models were initialised differently, so equal outputs mean the weights really were loaded
+    assert torch.equal(model.eval()(ids, mask), reference.eval()(ids, mask))
 
 
 def test_compile_traces_without_graph_break():
