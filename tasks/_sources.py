@@ -40,6 +40,16 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
 
 # --------------------------------------------------------------------------------------------------- Hugging Face
 
+def _datasets():
+    """Hugging Face ``datasets``, an optional dependency: only hub, parquet and saved-dataset sources need it."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("this source is read through Hugging Face datasets, which is not installed: "
+                        "pip install 'lra-soft[hf]' (or pip install datasets)") from None
+    return datasets
+
+
 def _offline() -> bool:
     return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE",
                                                                                        "HF_DATASETS_OFFLINE"))
@@ -48,7 +58,7 @@ def _offline() -> bool:
 @contextlib.contextmanager
 def _offline_flags(offline: bool):
     """Honour HF_HUB_OFFLINE even when it was set after ``datasets`` / ``huggingface_hub`` read it at import."""
-    import datasets
+    datasets = _datasets()
     import huggingface_hub.constants as hub
     saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
     if offline:
@@ -85,7 +95,7 @@ def hf_splits(spec: str, splits: Sequence[str], columns: Sequence[str]) -> tuple
     name = spec[3:]
     if not _offline():
         check_hub_reachable(name)
-    import datasets
+    datasets = _datasets()
     try:
         with _offline_flags(_offline()):
             ds = datasets.load_dataset(name)
@@ -128,14 +138,14 @@ def hf_records(folder: Path, splits: Sequence[str], columns: Sequence[str]) -> t
 
 
 def _from_parquet(files: list[Path], columns: Sequence[str]) -> Iterator[tuple]:
-    import datasets
+    datasets = _datasets()
     with tempfile.TemporaryDirectory(prefix="lra-hf-") as cache:  # keep the user's HF cache clean
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache)
         yield from _rows(ds, columns, ", ".join(f.name for f in files))
 
 
 def _from_disk(folder: Path, split: str, columns: Sequence[str]) -> Iterator[tuple]:
-    import datasets
+    datasets = _datasets()
     ds = datasets.load_from_disk(str(folder))
     if split not in ds:
         raise DataError(f"{folder}: saved dataset has no split {split!r} (it has {sorted(ds)})")
@@ -158,8 +168,8 @@ def tfds_splits(spec: str, splits: Sequence[str], columns: Sequence[str]) -> dic
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataError(f"source {spec} needs tensorflow-datasets, which is not installed (pip install "
-                        f"tensorflow-datasets tensorflow, then `tfds build {name}`); or use one of the other "
+        raise DataError(f"source {spec} needs tensorflow-datasets, which is not installed: pip install "
+                        f"'lra-soft[tfds]' tensorflow, then `tfds build {name}`; or use one of the other "
                         f"layouts (see `python cli.py prepare --help`)") from None
 
     def rows(split: str) -> Iterator[tuple]:
