@@ -124,6 +124,10 @@ class Recipe:
     def artifacts(self, run_dir: Path) -> None:
         """Files made from the run's records at the end (plots)."""
 
+    def cheaper(self) -> str:
+        """A cheaper setting to suggest when a CPU run would take hours ('' = none)."""
+        return ""
+
 
 # --------------------------------------------------------------------------------------------------- one step
 
@@ -228,6 +232,20 @@ def _rows_up_to(path: Path, step: int) -> list[str]:
     return keep
 
 
+ETA_AFTER, LONG_RUN_S = 4, 3600.0  # estimate from steps 2-4 of a session; say so when training alone takes hours
+
+
+def _warn_if_long(device: torch.device, seconds_per_step: float, steps_left: int, recipe: Recipe, bar) -> None:
+    """One line, once, when the steps left of a CPU run take more than an hour (evaluations not counted)."""
+    eta = seconds_per_step * steps_left
+    if device.type != "cpu" or eta < LONG_RUN_S:
+        return
+    hint = recipe.cheaper()
+    bar.write(f"note: on this CPU the {steps_left:,} steps left take about {eta / 3600:.1f} h at "
+              f"{seconds_per_step:.2f} s a step, evaluations not counted" + (f"; {hint}" if hint else "") +
+              "; a GPU runs it in minutes")
+
+
 def _older_layout(state: dict[str, Any], path: Path) -> None:
     if "schedule" in state and "scheduler" not in state:
         raise CheckpointError(f"{path} was written by the ImageNet loop of lra-soft before its shared training "
@@ -307,6 +325,7 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
                desc=loop.desc)
     interval, interval_time, step_rows = None, 0.0, []  # stats, step seconds and step rows since the last evaluation
     last_good, session_start, wall0 = step, time.perf_counter(), wall
+    session_first, eta_start = step, session_start
 
     def diverged(stats: torch.Tensor) -> None:
         if not torch.isfinite(stats).all():
@@ -336,6 +355,10 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
                               "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(recipe.postfix(stats, took), refresh=False)
+            if step == session_first + ETA_AFTER and info.is_main:
+                _warn_if_long(dev, (time.perf_counter() - eta_start) / (ETA_AFTER - 1), last - step, recipe, bar)
+            elif step == session_first + 1:
+                eta_start = time.perf_counter()  # the first step of a session warms up: not in the estimate
 
             if step % loop.eval_every == 0 or step == last:
                 row, score = recipe.record(step, interval, interval_time, model,

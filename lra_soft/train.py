@@ -317,6 +317,16 @@ class LRARecipe(Recipe):
     def artifacts(self, run_dir: Path) -> None:
         plot_learning_curve(run_dir)
 
+    def cheaper(self) -> str:
+        model, hints = self.model_cfg, []
+        if model.attention == "soft" and "num_landmarks" not in model.attention_options:
+            hints.append("SOFT with a fixed bottleneck (-o num_landmarks=64) is several times faster")
+        if self.train_cfg.pad_to:
+            hints.append("--protocol clean pads each batch to its longest sequence only")
+        if self.train_cfg.steps > 1000:
+            hints.append(f"--steps {self.train_cfg.steps // 10} for a first look")
+        return "cheaper: " + "; ".join(hints) + " (each makes the run not comparable with Table 6)" if hints else ""
+
 
 def fit(task: str, model_cfg: EncoderConfig, train_cfg: TrainConfig, data: TaskData, run_dir: str | Path, *,
         device: str = "auto", resume: bool = False, progress: bool = True,

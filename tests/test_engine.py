@@ -145,3 +145,27 @@ def test_divergence_names_the_step_and_the_last_good_checkpoint(tmp_path):
         fit(Toy(LOOP, nan_at=7), tmp_path / "run", device="cpu", progress=False)  # micro-batch 7 = step 4
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_long_cpu_run_says_so_once_with_a_cheaper_setting(tmp_path, capsys, monkeypatch):
+    import lra_soft.engine as engine
+    monkeypatch.setattr(engine, "LONG_RUN_S", 0.0)  # any run is "long"
+    monkeypatch.setattr(Toy, "cheaper", lambda self: "cheaper: fewer steps")
+    fit(Toy(LOOP), tmp_path / "run", device="cpu", progress=False)
+    out = capsys.readouterr().out
+    assert out.count("note: on this CPU the 2 steps left take about") == 1 and "cheaper: fewer steps" in out
+    monkeypatch.setattr(engine, "LONG_RUN_S", 3600.0)
+    fit(Toy(LOOP), tmp_path / "quick", device="cpu", progress=False)
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_lra_recipe_suggests_the_cheaper_settings_of_the_paper_run():
+    from types import SimpleNamespace
+
+    from lra_soft.train import LRARecipe
+    from tasks import listops
+    data = SimpleNamespace(collate=lambda items, pad_to=0: items)
+    hint = LRARecipe("listops", replace(listops.MODEL, attention="soft"), replace(listops.TRAIN, pad_to=2048),
+                     data).cheaper()
+    assert "-o num_landmarks=64" in hint and "--protocol clean" in hint and "--steps 500" in hint
+    assert "not comparable" in hint
