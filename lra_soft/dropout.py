@@ -1,6 +1,6 @@
 """Dropout that is fast on the CPU: the keep mask comes from cheap random integers instead of ``bernoulli_``.
 
-Why: on this project's 2-core CPU, torch's ``F.dropout(x, 0.1, True)`` on a (32, 2048, 128) float32 tensor takes
+Why: on a 2-core Xeon CPU, torch's ``F.dropout(x, 0.1, True)`` on a (32, 2048, 128) float32 tensor takes
 ~77 ms, ~60 ms of it in ``bernoulli_`` (~8 ns an element), and ``aten::bernoulli_`` was 35% of a whole training step
 of the LRA encoder (batch 32, n 2048, dim 64). Random integers are far cheaper, and one 64-bit draw of the generator
 holds the bits for four elements.
@@ -24,7 +24,7 @@ applies the same mask and scale. Integers come from the CPU default generator, s
 masks and a restored ``torch.get_rng_state()`` resumes them; the masks differ from ``nn.Dropout``'s for one seed.
 Off the CPU (CUDA's fused dropout is already fast), outside training and for p == 0 this is ``F.dropout``.
 
-Measured on this machine at p = 0.1, float32, min of 5 interleaved calls each, the table three times (ranges):
+Measured on a 2-core Xeon CPU at p = 0.1, float32, min of 5 interleaved calls each, the table three times (ranges):
 ``.venv/bin/python -c "from lra_soft.bench.dropout import benchmark; benchmark()"``
 
     (32, 2048, 64)   forward            F.dropout 31-33 ms    this 9.9-10.2 ms

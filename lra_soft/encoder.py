@@ -8,8 +8,9 @@ layers, 64 and 128 hidden dimension respectively, and 2 attention heads"), i.e. 
 
 Any registered attention fits (``lra_soft.attention.build_attention``); each applies dropout to its own output, as the
 harness's ``dropout(Attn(...))`` does. With ``attention_fp32`` the attention runs outside autocast in float32, as the
-harness's does under fp16 AMP (there only the core is float32; the projections are too here). Pooling: "mean" averages over real tokens; "mean_padded" is the harness's
-``mean(dim=1)`` over all positions (sum / padded length, so the padded length scales the logits, lra-data pitfall 8);
+harness's does under fp16 AMP (there only the core is float32; the projections are too here). Pooling: "mean"
+averages over real tokens; "mean_padded" is the harness's ``mean(dim=1)`` over all positions (sum / padded length,
+so the padded length scales the logits; docs/pitfalls.md, #14);
 "cls" prepends a learned CLS vector and reads it out. Retrieval (``pair=True``) encodes both documents with the same
 weights and classifies ``[x1, x2, x1*x2, x1-x2]`` (the harness's SCHeadDual).
 
