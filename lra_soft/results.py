@@ -35,7 +35,7 @@ PAPER_AVERAGE = {"softmax": 54.92, "reformer": 51.47, "linformer": 52.59, "perfo
 
 MODEL_KEYS = ("dim", "depth", "heads", "mlp_dim", "dropout", "pooling", "max_len", "attention_fp32")
 TRAIN_KEYS = ("steps", "warmup", "batch_size", "lr", "weight_decay", "adam_eps", "grad_clip",
-              "eval_every", "eval_batches", "pad_to", "beta1_cycle", "precision")
+              "eval_every", "eval_batches", "pad_to", "beta1_cycle")  # precision: what ran, from results.json
 CSV_FIELDS = ("comparable", "task", "attention", "options", "protocol", "steps", "batch_size", "lr", "n", "seeds",
               "mean", "std", "paper", "diff", "differences")
 

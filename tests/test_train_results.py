@@ -91,3 +91,14 @@ def test_train_on_cuda(tmp_path, precision):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["device"].startswith("cuda")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["precision"] == precision and torch.isfinite(torch.tensor(results["test_loss"]))
+
+
+def test_experiment_key_uses_the_precision_that_ran():
+    """On CPU every run is fp32: a run that asked for bf16 and one that asked for fp16 are one experiment."""
+    from lra_soft.results import experiment
+    base = {"results": {"task": "listops", "attention": "soft", "precision": "fp32"},
+            "config": {"model": {"dim": 64}, "train": {"steps": 5000, "precision": "bf16"}, "data": {}}}
+    other = {**base, "config": {**base["config"], "train": {"steps": 5000, "precision": "fp16"}}}
+    assert experiment(base) == experiment(other)
+    on_gpu = {**other, "results": {**base["results"], "precision": "fp16"}}
+    assert experiment(on_gpu) != experiment(base)
