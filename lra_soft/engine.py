@@ -273,7 +273,7 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
     """Train ``recipe``, evaluate on its cadence, keep the best, finish; returns results.json (on every process)."""
     info = D.init_distributed(device)
     dev, world, rank = info.device, info.world_size, info.rank
-    recipe.progress = progress and info.is_main
+    recipe.progress = progress and info.is_main  # bars then show on a terminal only (tqdm's disable=None)
     recipe.setup(info)
     loop = recipe.loop
     run = RunDir(run_dir, resume)
@@ -321,7 +321,7 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
                 "step": step, "epoch": step // loop.steps_per_epoch, "metrics": row, **recipe.state()}
 
     last = loop.last_step
-    bar = tqdm(total=last, initial=step, disable=not (progress and info.is_main), dynamic_ncols=True,
+    bar = tqdm(total=last, initial=step, disable=None if progress and info.is_main else True, dynamic_ncols=True,
                desc=loop.desc)
     interval, interval_time, step_rows = None, 0.0, []  # stats, step seconds and step rows since the last evaluation
     last_good, session_start, wall0 = step, time.perf_counter(), wall

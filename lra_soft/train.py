@@ -183,7 +183,7 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, collate: Callable, *, bat
                         collate_fn=collate, generator=torch.Generator())
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, count, loss * count
     for batch in tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
-                      disable=not (progress and D.is_main())):
+                      disable=None if progress and D.is_main() else True):  # None: on a terminal only
         batch = _to(batch, device)
         with D.autocast(device, precision):
             logits = model(**{k: batch[k] for k in INPUTS if k in batch})
