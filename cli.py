@@ -267,7 +267,7 @@ def eval_all(
     """Runs grouped by experiment (mean, std, n over seeds): comparable ones beside the paper's Table 6, the rest
     in a second table with their differences."""
     from lra_soft import results as R
-    from lra_soft.checkpoint import atomic_write_text
+    from lra_soft.atomic import atomic_write_text
 
     try:
         found = R.find_runs(runs)

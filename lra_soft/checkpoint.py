@@ -4,17 +4,15 @@
     state = load_checkpoint(path)                      # dict; clear errors for missing / corrupt / foreign files
     restore_rng_state(state["rng"])
 
-A write goes to a temporary file in the target's directory, is flushed to disk, then renamed over the target with
-``os.replace`` (atomic on POSIX and Windows), so a reader only ever sees the old file or the complete new one.
+A write goes through ``lra_soft.atomic`` (a temporary file beside the target, fsynced, then ``os.replace``d over it),
+so a reader only ever sees the old file or the complete new one.
 Everything stored is tensors and plain Python values: no pickled classes, hence the safe ``weights_only`` loader.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,37 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from lra_soft.atomic import atomic_write, atomic_write_text
+
+# atomic_write_text is re-exported for older imports; its home is lra_soft.atomic.
+__all__ = ["FORMAT", "CheckpointError", "atomic_write_text", "capture_rng_state", "load_checkpoint",
+           "restore_rng_state", "save_checkpoint"]
+
 FORMAT = "lra_soft.checkpoint/1"  # stored under "format"; bump when the layout changes incompatibly
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable or of another layout; the message says which and what to do."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` to produce the file, then move it over ``path`` in one step."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lra_soft.checkpoint import atomic_write
+from lra_soft.atomic import atomic_write
 
 SMOOTH_STEPS = 50  # window of the moving average over the per-step loss (the harness's evaluation interval)
 

@@ -14,19 +14,20 @@ Token id 0 is padding in every task and never a real token (pitfall 7).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from lra_soft.atomic import atomic_open, atomic_write_json, current_umask
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -108,44 +109,8 @@ def tree_record(files: Iterable[Path], root: Path, name: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- atomic writes
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _mkstemp(path: Path) -> tuple[int, str]:
-    """A temporary file beside ``path`` with the permissions a plain ``open`` would give (mkstemp makes them 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return fd, tmp
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; it replaces ``path`` only if the block completes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp(path)
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_open(path) as f:
-        f.write(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through ``lra_soft.atomic.atomic_open``, the one atomic writer (whole caches: ``build_cache``)."""
     with atomic_open(path) as f:
         np.save(f, array, allow_pickle=False)
 
@@ -197,7 +162,7 @@ def build_cache(cache_dir: Path, identity: dict[str, Any], build: Callable[[Path
         return cache_dir
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.building-", dir=cache_dir.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         manifest = {**identity, "source_stat": stat, **build(tmp)}
         atomic_write_json(tmp / MANIFEST, manifest)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lra_soft.atomic import atomic_write_bytes
 from tasks import listops
-from tasks._common import atomic_write_bytes
 
 SEED = 1234
 WORDS = {0: ["dull", "awful", "boring", "weak", "mess", "flat"], 1: ["great", "superb", "moving", "funny", "rich"]}

@@ -30,9 +30,10 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm.auto import tqdm
 
+from lra_soft.atomic import atomic_open
 from lra_soft.config import EncoderConfig, TrainConfig
-from tasks._common import (DataError, SplitWriter, TokenDataset, atomic_open, build_cache, check_options,
-                           file_record, find_layout, load_cache, next_power_of_two, require_nonempty, show_line)
+from tasks._common import (DataError, SplitWriter, TokenDataset, build_cache, check_options, file_record,
+                           find_layout, load_cache, next_power_of_two, require_nonempty, show_line)
 
 NAME = "listops"
 TOKENIZER_VERSION = "listops-1"            # bump when tokenisation or the cache layout changes

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from lra_soft.atomic import atomic_write_json
 from lra_soft.config import EncoderConfig, TrainConfig
-from tasks._common import (DataError, SplitWriter, TokenDataset, atomic_write_json, build_cache, check_options,
-                           file_record, load_cache, pixel_vocab, require_nonempty, show_line, tree_record)
+from tasks._common import (DataError, SplitWriter, TokenDataset, build_cache, check_options, file_record,
+                           load_cache, pixel_vocab, require_nonempty, show_line, tree_record)
 
 NAME = "pathfinder"
 TOKENIZER_VERSION = "pixels-1"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lra_soft import allocator
-from lra_soft.checkpoint import atomic_write_bytes
+from lra_soft.atomic import atomic_write_bytes
 
 # Columns of the Markdown table: (row key, header, format).
 ATTENTION_COLUMNS = [
