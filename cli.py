@@ -4,14 +4,13 @@
 """
 from __future__ import annotations
 
-import ast
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from lra_soft.attention import ATTENTION
+from lra_soft.config import parse_options
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
@@ -28,28 +27,9 @@ def _setup(
         keep_freed_memory()
 
 
-def _parse_options(pairs: list[str], flag: str) -> dict[str, object]:
-    """["num_landmarks=64", "inverse=exact"] -> {"num_landmarks": 64, "inverse": "exact"}: literals, else str."""
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not key=value", param_hint=flag)
-        lowered = raw.lower()
-        if lowered in ("true", "false", "none"):
-            out[key] = {"true": True, "false": False, "none": None}[lowered]
-            continue
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
-
-
 def _task_data(task: str, source: Optional[Path], data_dir: Path, data_options: dict, progress: bool):
     """Prepare (or reuse) the task's cache and wrap its three splits for the training loop."""
     import tasks
-    from tasks._common import collate
 
     from lra_soft import distributed as D
     from lra_soft.train import TaskData
@@ -60,10 +40,10 @@ def _task_data(task: str, source: Optional[Path], data_dir: Path, data_options: 
     D.barrier()
     if not D.is_main():
         cache = tasks.prepare(task, source, data_dir, progress=False, **data_options)
-    manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    manifest = tasks.manifest(cache)
     splits = {split: tasks.load(task, cache, split) for split in ("train", "val", "test")}
     summary = {k: manifest.get(k) for k in ("task", "counts", "max_len", "options", "tokenizer_version")}
-    return TaskData(task, splits["train"], splits["val"], splits["test"], collate, vocab=list(manifest["vocab"]),
+    return TaskData(task, splits["train"], splits["val"], splits["test"], tasks.collate, vocab=list(manifest["vocab"]),
                     source={"cache": str(cache), **summary}), manifest
 
 
@@ -116,14 +96,12 @@ def prepare(
 ) -> None:
     """Read one task's raw data, tokenize it and cache arrays + manifest.json (reused while source and options match)."""
     import tasks
-    from tasks._common import read_manifest
 
     try:
-        cache = tasks.prepare(task, source, data_dir, progress=progress, **tasks.parse_options(option))
+        cache = tasks.prepare(task, source, data_dir, progress=progress, **parse_options(option, "--option"))
     except (ValueError, FileNotFoundError) as e:  # tasks.DataError is a ValueError
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
-    m = read_manifest(cache)
+        _fail(e)
+    m = tasks.manifest(cache)
     typer.echo(f"{task}: {cache} counts {m['counts']} vocab_size {m['vocab_size']} max_len {m['max_len']}")
     if m.get("skipped_empty"):
         typer.echo(f"skipped {m['skipped_empty']} empty image(s), listed in {cache / 'manifest.json'}")
@@ -179,7 +157,7 @@ def train(
     try:
         module = tasks.get_task(task)
         proto = P.get_protocol(protocol, task)
-        options = _parse_options(option, "--option")
+        options = parse_options(option, "--option")
         overrides = dict(attention=attn, attention_options=options, pooling=pooling, dropout=dropout, steps=steps,
                          batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches,
                          pad_to=pad_to, warmup=warmup, seed=seed, precision=precision)
@@ -192,7 +170,7 @@ def train(
         if D.is_main():
             typer.echo(P.verdict(protocol, task, attn, diffs, data_checked=False))
         data, manifest = _task_data(task, source, data_dir,
-                                    {**proto.data_options, **_parse_options(data_option, "--data-option")}, progress)
+                                    {**proto.data_options, **parse_options(data_option, "--data-option")}, progress)
         model_cfg, train_cfg = resolve_configs(
             module.MODEL, module.TRAIN, protocol=proto, max_len=max_len or manifest.get("max_len"),
             vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"], **overrides)
@@ -239,7 +217,7 @@ def eval_(
         state = load_checkpoint(checkpoint, required=("model", "config", "vocab"))
         if state["config"]["task"] != task:
             raise ValueError(f"{checkpoint} was trained on {state['config']['task']!r}, not {task!r}")
-        data, _ = _task_data(task, source, data_dir, _parse_options(data_option, "--data-option"), progress)
+        data, _ = _task_data(task, source, data_dir, parse_options(data_option, "--data-option"), progress)
         if list(state["vocab"]) != data.vocab:
             raise ValueError(f"the vocabulary of {checkpoint} differs from the prepared data's; the ids would not "
                              "mean the same tokens. Prepare the data the run was trained on")
@@ -451,7 +429,7 @@ def imagenet_train(
     from lra_soft.imagenet import ImageNetConfig, train
 
     try:
-        overrides = _parse_options(option, "--option")
+        overrides = parse_options(option, "--option")
         cfg = ImageNetConfig(model=model, img_size=img_size, epochs=epochs, warmup_epochs=warmup_epochs,
                              global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                              label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,

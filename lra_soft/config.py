@@ -5,9 +5,13 @@ configurations of [39], with 2 layers, 64 and 128 hidden dimension respectively,
 Nystromformer PyTorch harness (``LRA/code/lra_config.py``). Each task module in ``tasks/`` overrides what differs per
 task with ``dataclasses.replace``; a protocol (``lra_soft.protocol``: pooling, padding, beta1, precision) comes next;
 the CLI overrides the rest; the resolved pair is saved as ``config.json`` with every run.
+
+``parse_options`` reads every ``key=value`` flag of the CLI (attention, data, VisionConfig and benchmark options).
 """
 from __future__ import annotations
 
+import ast
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,3 +50,32 @@ class TrainConfig:
     #                                                 (OneCycleLR cycle_momentum); None keeps beta1 at 0.9
     precision: str = "bf16"         # CUDA autocast: "fp16" (with a GradScaler), "bf16" or "fp32"; CPU is always fp32
     protocol: str = "none"          # the named protocol (lra_soft.protocol) the run started from, for the record
+
+
+def _parse_value(text: str) -> Any:
+    """A Python literal where ``text`` is one, else the string: ``64`` -> 64, ``1e-6`` -> 1e-06, ``(0,0,0)`` -> a
+    tuple, ``exact`` -> "exact". ``true``/``false`` and ``none``/``null`` count in any case."""
+    text = text.strip()
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def parse_options(items: Iterable[str], flag: str) -> dict[str, Any]:
+    """``["num_landmarks=64", "inverse=exact"]`` -> ``{"num_landmarks": 64, "inverse": "exact"}``.
+
+    Values as ``_parse_value`` reads them; a later key wins. ``flag`` names where the items came from (``--option``)
+    in the error for an item without ``=`` or without a key."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag}: {item!r} is not of the form key=value")
+        out[key.strip()] = _parse_value(raw)
+    return out

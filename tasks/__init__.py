@@ -5,7 +5,6 @@ opens one split of it as a ``torch.utils.data.Dataset`` (see ``tasks/_common.py`
 """
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -13,7 +12,7 @@ from typing import Any, Literal
 from torch.utils.data import Dataset
 
 from tasks import image, listops, pathfinder, retrieval, text
-from tasks._common import DataError, collate
+from tasks._common import DataError, collate, read_manifest
 
 TaskName = Literal["listops", "text", "retrieval", "image", "pathfinder"]
 
@@ -25,7 +24,7 @@ TASKS: dict[str, ModuleType] = {
     "pathfinder": pathfinder,
 }
 
-__all__ = ["TASKS", "TaskName", "DataError", "collate", "get_task", "prepare", "load", "layouts", "parse_options"]
+__all__ = ["TASKS", "TaskName", "DataError", "collate", "get_task", "prepare", "load", "manifest", "layouts"]
 
 
 def get_task(name: str) -> ModuleType:
@@ -45,28 +44,16 @@ def load(name: str, cache_path: Path, split: str) -> Dataset:
     return get_task(name).load(Path(cache_path), split)
 
 
+def manifest(cache_path: Path | str) -> dict[str, Any]:
+    """The manifest.json of a prepared cache (task, counts, vocab, vocab_size, num_classes, max_len, options, ...)."""
+    found = read_manifest(Path(cache_path))
+    if found is None:
+        raise FileNotFoundError(f"no readable manifest.json in {cache_path}: it is not a prepared cache; run "
+                                "`python cli.py prepare TASK` first")
+    return found
+
+
 def layouts() -> str:
     """The accepted source layouts of every task, for help texts and error messages."""
     return "\n".join(module.LAYOUTS for module in TASKS.values())
 
-
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``["seed=1", "val=test", "decode=true"]`` -> ``{"seed": 1, "val": "test", "decode": True}``.
-
-    Values are Python literals where they parse as one (ints, floats), ``true``/``false`` in any case are booleans,
-    anything else is a string.
-    """
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise DataError(f"option {pair!r} is not of the form key=value")
-        if raw.lower() in ("true", "false"):
-            out[key.strip()] = raw.lower() == "true"
-            continue
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        out[key.strip()] = value if isinstance(value, (int, float, str)) else raw
-    return out

@@ -133,10 +133,9 @@ def test_load_errors_and_option_errors(tmp_path):
         tasks.prepare("retrieval", tmp_path, tmp_path / "c", max_len=3)
     with pytest.raises(DataError, match="must be of type int"):
         tasks.prepare("retrieval", tmp_path, tmp_path / "c", max_length="long")
-    assert tasks.parse_options(["seed=3", "val=test", "decode=True", "val_fraction=0.2"]) == {
-        "seed": 3, "val": "test", "decode": True, "val_fraction": 0.2}
-    with pytest.raises(DataError, match="not of the form key=value"):
-        tasks.parse_options(["seed"])
+    with pytest.raises(FileNotFoundError, match="no readable manifest.json"):
+        tasks.manifest(tmp_path / "nothing")
+    assert tasks.manifest(cache) == read_manifest(cache)
 
 
 def test_dataset_pickles_for_dataloader_workers(tmp_path):
@@ -168,6 +167,10 @@ def test_cli_prepare_every_committed_fixture(tmp_path):
     assert result.exit_code == 1 and "cifar-10-batches-py" in result.output
     result = runner.invoke(app, ["prepare", "retrieval", "--source", str(FIXTURES / "retrieval"), "-o", "decode=yes"])
     assert result.exit_code == 1 and "must be of type bool" in result.output
+    result = runner.invoke(app, ["prepare", "listops", "--data-dir", str(tmp_path), "-o", "seed=None"])
+    assert result.exit_code == 1 and "option seed=None of task 'listops' must be of type int" in result.output
+    result = runner.invoke(app, ["prepare", "listops", "--data-dir", str(tmp_path), "-o", "seed"])
+    assert result.exit_code == 1 and "--option: 'seed' is not of the form key=value" in result.output
     result = runner.invoke(app, ["prepare", "--help"])
     assert result.exit_code == 0 and "new_aan_pairs.train.tsv" in result.output and "metadata" in result.output
 

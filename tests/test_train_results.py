@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import _parse_options, app
+from cli import app
 from lra_soft import protocol as P
 from lra_soft import results as R
 
@@ -69,13 +69,6 @@ def test_eval_all_errors(tmp_path):
     assert out.exit_code == 1 and "does not exist" in out.output
     out = runner.invoke(app, ["eval-all", "--runs", str(tmp_path)])
     assert out.exit_code == 1 and "no results.json" in out.output
-
-
-def test_option_parsing():
-    assert _parse_options(["num_landmarks=64", "inverse=exact", "ridge=1e-6", "fused=false", "x=None"], "-o") == {
-        "num_landmarks": 64, "inverse": "exact", "ridge": 1e-6, "fused": False, "x": None}
-    with pytest.raises(Exception, match="key=value"):
-        _parse_options(["num_landmarks"], "-o")
 
 
 @pytest.mark.gpu

@@ -10,9 +10,9 @@ from lra_soft.bench.measure import (Timing, count_flops, matmul_rate, newton_pro
                                     peak_memory, time_fn, time_rounds)
 from lra_soft.bench.model import FIG1B, FIG1B_ATTENTIONS, ModelBenchConfig, fig1b_config, run_model_bench
 from lra_soft.bench.report import environment, markdown_table, plot, save
-from lra_soft.bench.specs import AttentionSpec, parse_lengths, parse_options, parse_specs
+from lra_soft.bench.specs import AttentionSpec, parse_lengths, parse_specs
 
 __all__ = ["FIG1B", "FIG1B_ATTENTIONS", "AttentionBenchConfig", "AttentionSpec", "ModelBenchConfig", "Timing",
            "count_flops", "environment", "fig1b_config", "markdown_table", "matmul_rate", "newton_products",
-           "newton_products_time", "parse_lengths", "parse_options", "parse_specs", "peak_memory", "plot",
+           "newton_products_time", "parse_lengths", "parse_specs", "peak_memory", "plot",
            "run_attention_bench", "run_model_bench", "save", "time_fn", "time_rounds"]

@@ -6,11 +6,11 @@ and fails when none does, so a typo never passes silently. Options are checked a
 """
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass, field
 from typing import Any
 
 from lra_soft.attention import ATTENTION, attention_options
+from lra_soft.config import parse_options
 
 
 @dataclass(frozen=True)
@@ -22,30 +22,6 @@ class AttentionSpec:
     def resolved(self) -> dict[str, Any]:
         """Every option of the attention with its value in this spec (defaults filled in)."""
         return {**attention_options(self.name), **self.options}
-
-
-def parse_value(text: str) -> Any:
-    """``4`` -> 4, ``0.5`` -> 0.5, ``true`` -> True, ``none`` -> None, anything else stays a string."""
-    low = text.strip().lower()
-    if low in {"true", "false"}:
-        return low == "true"
-    if low in {"none", "null"}:
-        return None
-    try:
-        return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-        return text.strip()
-
-
-def parse_options(items: list[str], where: str) -> dict[str, Any]:
-    """Parse ``key=value`` items; ``where`` names the flag or spec in the error message."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"bad option {item!r} in {where}: write key=value, e.g. window=4")
-        out[key.strip()] = parse_value(value)
-    return out
 
 
 def _check(name: str, options: dict[str, Any], where: str) -> None:
