@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -34,18 +35,26 @@ class DistInfo:
         return self.rank == 0
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"  # what every --device flag accepts
+
+
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU fails with what to do instead."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device cuda was asked for but torch sees no CUDA device (torch {torch.__version__}, "
-                           f"CUDA build: {torch.version.cuda}); use --device cpu or auto")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    """``auto``: CUDA when present, else CPU. ``cuda``: GPU ``local_rank`` (torchrun's, one GPU per process).
+    ``cuda:N``: GPU N. A ValueError names the value and what this machine has when it cannot be had."""
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"--device {device!r} is not one of {DEVICES}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asks for CUDA, but torch sees no CUDA device (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda}); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if match.group(1) is None:
+        return torch.device("cuda", local_rank % count)
+    if int(match.group(1)) >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", int(match.group(1)))
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -54,6 +63,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
+    if world_size > 1 and dev.type == "cuda" and ":" in device:
+        raise ValueError(f"--device {device} names one GPU for all {world_size} torchrun processes; pass --device "
+                         "cuda, and each process takes GPU LOCAL_RANK")
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)

@@ -61,10 +61,39 @@ def test_failed_write_keeps_old_file(tmp_path):
 def test_device_helpers():
     assert resolve_device("cpu") == torch.device("cpu")
     assert init_distributed("cpu").world_size == 1
-    with pytest.raises(ValueError, match="device must be"):
-        resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA"):
-            resolve_device("cuda")
+    for bad in ("tpu", "cuda:", "cuda:x", "cuda:-1", "CPU", "mps"):
+        with pytest.raises(ValueError, match=r"--device '.*' is not one of auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
     with autocast(torch.device("cpu")):  # CPU stays float32
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_resolve_device_without_cuda(monkeypatch):
+    _fake_gpus(monkeypatch, 0)
+    assert resolve_device("auto") == torch.device("cpu")
+    for asked in ("cuda", "cuda:0", "cuda:3"):
+        with pytest.raises(ValueError, match=f"--device {asked} asks for CUDA, but torch sees no CUDA device"):
+            resolve_device(asked)
+
+
+def test_resolve_device_with_two_gpus(monkeypatch):
+    _fake_gpus(monkeypatch, 2)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 1)  # torchrun's LOCAL_RANK
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_one_named_gpu_for_many_torchrun_processes_fails(monkeypatch):
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="names one GPU for all 2 torchrun processes"):
+        init_distributed("cuda:1")

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from lra_soft.attention import build_attention
-from lra_soft.bench.measure import (Timing, count_flops, matmul_rate, newton_products, peak_memory, resolve_device,
-                                    time_rounds)
+from lra_soft.bench.measure import Timing, count_flops, matmul_rate, newton_products, peak_memory, time_rounds
 from lra_soft.bench.specs import AttentionSpec
+from lra_soft.distributed import resolve_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

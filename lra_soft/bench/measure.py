@@ -47,16 +47,6 @@ class Timing:
         return cls(statistics.median(s), q1, q3, s[0], s[-1], len(s))
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when it is available, else CPU; anything else must name an available device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto")
-    return dev
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from lra_soft.bench.attention import DTYPES, add_ratios, growth, padding_mask
-from lra_soft.bench.measure import peak_memory, resolve_device, time_rounds
+from lra_soft.bench.measure import peak_memory, time_rounds
 from lra_soft.bench.specs import AttentionSpec
+from lra_soft.distributed import resolve_device
 from lra_soft.engine import train_step
 
 
