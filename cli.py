@@ -5,12 +5,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
 from lra_soft.attention import ATTENTION
 from lra_soft.config import parse_options
+from lra_soft.distributed import DEVICES
+from lra_soft.imagenet import ImageNetConfig
+
+# Choices of the options below, listed by --help and by the error for any other value; tests/test_cli_choices.py
+# checks each against the names the library itself accepts.
+Pooling = Literal["mean", "mean_padded", "cls"]                       # lra_soft.encoder.POOLINGS
+ProtocolName = Literal["paper", "clean"]                              # lra_soft.protocol.PROTOCOLS
+Precision = Literal["fp16", "bf16", "fp32"]                           # lra_soft.protocol.PRECISIONS
+Split = Literal["val", "test"]
+DType = Literal["float32", "float64", "bfloat16", "float16"]          # lra_soft.bench.attention.DTYPES
+Autocast = Literal["none", "bfloat16", "float16"]
+BenchModel = Literal["none", "lra", "imagenet"]
+Backbone = Literal["soft_tiny", "soft_small", "soft_medium", "soft_large", "soft_huge"]  # lra_soft.vision.PRESETS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 
@@ -50,6 +63,21 @@ def _task_data(task: str, source: Optional[Path], data_dir: Path, data_options: 
 def _fail(e: Exception) -> None:
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(1)
+
+
+def _check_device(value: str) -> str:
+    """Fail at parse time, before any data is read, for a device this machine cannot give."""
+    from lra_soft.distributed import resolve_device
+
+    try:
+        resolve_device(value)
+    except ValueError as e:
+        _fail(e)
+    return value
+
+
+# cuda:N makes this an open set, so the resolver checks it rather than a list of choices.
+Device = Annotated[str, typer.Option(help=f"{DEVICES}.", callback=_check_device)]
 
 
 @app.command()
@@ -131,14 +159,14 @@ def train(
     pad_to: Annotated[Optional[int], typer.Option(help="Pad batches to this length (0 = longest).")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (task default).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout (task default: 0.1).")] = None,
-    pooling: Annotated[Optional[str], typer.Option(help="mean | mean_padded | cls (protocol's).")] = None,
-    protocol: Annotated[str, typer.Option(help="paper (the Table 6 harness, exactly) | clean (our fixes); see "
-                                               "docs/protocols.md.")] = "paper",
-    precision: Annotated[Optional[str], typer.Option(help="CUDA autocast: fp16 (+ GradScaler) | bf16 | fp32 "
-                                                          "(protocol's: paper fp16, clean bf16); CPU runs fp32.")
-                         ] = None,
+    pooling: Annotated[Optional[Pooling], typer.Option(help="Pooling; mean_padded divides by the padded length "
+                                                           "(protocol's).")] = None,
+    protocol: Annotated[ProtocolName, typer.Option(help="paper: the Table 6 harness, exactly; clean: our fixes; see "
+                                                        "docs/protocols.md.")] = "paper",
+    precision: Annotated[Optional[Precision], typer.Option(help="CUDA autocast, fp16 with a GradScaler (protocol's: "
+                                                                "paper fp16, clean bf16); CPU runs fp32.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and dropout.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    device: Device = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Run directory [runs/TASK-ATTN[-OPTIONS]-PROTOCOL-seedN].")] = None,
     source: Annotated[Optional[Path], typer.Option(help="Raw data (see README, Data); ListOps: generated.")] = None,
     data_dir: Annotated[Path, typer.Option(help="Cache directory of prepared data.")] = Path("data/cache"),
@@ -197,9 +225,9 @@ def train(
 def eval_(
     task: Annotated[str, typer.Argument(help="LRA task the checkpoint was trained on.")],
     checkpoint: Annotated[Path, typer.Option(help="best.pt or last.pt of a run.")],
-    split: Annotated[str, typer.Option(help="val | test.")] = "test",
+    split: Annotated[Split, typer.Option(help="Split to evaluate.")] = "test",
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the run's).")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    device: Device = "auto",
     source: Annotated[Optional[Path], typer.Option(help="Raw data, as for train.")] = None,
     data_dir: Annotated[Path, typer.Option(help="Cache directory of prepared data.")] = Path("data/cache"),
     data_option: Annotated[list[str], typer.Option(help="Task data option key=value (repeatable).")] = [],
@@ -211,8 +239,6 @@ def eval_(
     from lra_soft.train import collate_fn, evaluate, model_from_checkpoint
 
     try:
-        if split not in ("val", "test"):
-            raise ValueError(f"--split must be val or test, got {split!r}")
         info = D.init_distributed(device)
         state = load_checkpoint(checkpoint, required=("model", "config", "vocab"))
         if state["config"]["task"] != task:
@@ -295,11 +321,9 @@ def bench(
     batch: Annotated[Optional[int], typer.Option(help="Batch size [8; lra 32; imagenet 8].")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Attention heads [2; fig1b 12].")] = None,
     head_dim: Annotated[int, typer.Option(help="Head dimension (model width = heads x head_dim).")] = 32,
-    dtype: Annotated[str, typer.Option(help="float32 | float64 | bfloat16 | float16 (inputs and parameters).")
-                     ] = "float32",
-    autocast: Annotated[str, typer.Option(help="none | bfloat16 | float16 (torch.autocast, GPU mixed precision).")
-                        ] = "none",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    dtype: Annotated[DType, typer.Option(help="Dtype of inputs and parameters.")] = "float32",
+    autocast: Annotated[Autocast, typer.Option(help="torch.autocast dtype (GPU mixed precision).")] = "none",
+    device: Device = "auto",
     mask: Annotated[bool, typer.Option(help="Pass a padding mask (lengths n down to about n/2).")] = False,
     warmup: Annotated[int, typer.Option(help="Untimed calls per case.")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed calls per case (median and quartiles reported).")] = 5,
@@ -310,14 +334,14 @@ def bench(
     floors: Annotated[bool, typer.Option(help="Measure the matmul rate and SOFT's Newton-product floor.")] = True,
     matmul_size: Annotated[int, typer.Option(help="Side of the square matmul that measures the machine's rate "
                                                   "[0: 2048 on CPU, 8192 on GPU].")] = 0,
-    model: Annotated[str, typer.Option(help="none (attention module) | lra (encoder, tokens/s) | imagenet "
-                                            "(backbones, images/s).")] = "none",
+    model: Annotated[BenchModel, typer.Option(help="none: the attention module; lra: the encoder, tokens/s; "
+                                                   "imagenet: backbones, images/s.")] = "none",
     depth: Annotated[Optional[int], typer.Option(help="lra: encoder layers [2; fig1b 12].")] = None,
     mlp_dim: Annotated[Optional[int], typer.Option(help="lra: feed-forward width [2 x width].")] = None,
     variant: Annotated[list[str], typer.Option(help="imagenet: backbone (repeatable) [soft_tiny].")] = [],
-    preset: Annotated[Optional[str], typer.Option(help="fig1b: the paper's Figure 1b protocol (12 layers, d 384, "
-                                                       "h 12, m 49, batch 1, n = 784 p); flags above override.")
-                      ] = None,
+    preset: Annotated[Optional[Literal["fig1b"]], typer.Option(help="fig1b: the paper's Figure 1b protocol (12 "
+                                                                    "layers, d 384, h 12, m 49, batch 1, n = 784 p); "
+                                                                    "flags above override.")] = None,
     out: Annotated[Path, typer.Option(help="Directory for NAME.{json,csv,md,png}.")] = Path("runs/bench"),
     name: Annotated[str, typer.Option(help="File stem of the outputs.")] = "bench",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -330,8 +354,6 @@ def bench(
     from lra_soft import bench as B
 
     try:
-        if preset not in (None, "fig1b"):
-            raise ValueError(f"--preset {preset!r} unknown; the one preset is fig1b")
         if preset:
             model = "lra"
             attn = attn or [a for a in B.FIG1B_ATTENTIONS if a.split(":")[0] in ATTENTION]
@@ -391,42 +413,46 @@ def imagenet_summary(
                "attn = kernels, P^T A^+ (P V), stage-4 softmax and the Newton iterations (newton)")
 
 
+RECIPE = ImageNetConfig()  # the paper's recipe: every default of `imagenet train`
+
+
 @imagenet_app.command("train")
 def imagenet_train(
     data: Annotated[Path, typer.Option(help="ImageFolder root holding train/<class>/* and val/<class>/*.")],
-    model: Annotated[str, typer.Option(help="soft_tiny | soft_small | soft_medium | soft_large | soft_huge.")
-                     ] = "soft_tiny",
+    model: Annotated[Backbone, typer.Option(help="Backbone.")] = RECIPE.model,
     out: Annotated[Path, typer.Option(help="Run directory (config.json, metrics.jsonl, last.pt, best.pt, results.json).")
                    ] = Path("runs/imagenet"),
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 300,
-    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.")] = 10,
-    global_batch: Annotated[int, typer.Option(help="Batch over all processes.")] = 1024,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = RECIPE.epochs,
+    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.")] = RECIPE.warmup_epochs,
+    global_batch: Annotated[int, typer.Option(help="Batch over all processes.")] = RECIPE.global_batch,
     micro_batch: Annotated[int, typer.Option(help="Per-process forward batch, 0 = global/world (else accumulate).")
-                           ] = 0,
-    lr: Annotated[float, typer.Option(help="Peak lr at batch 1024 (scaled by global-batch/1024).")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+                           ] = RECIPE.micro_batch,
+    lr: Annotated[float, typer.Option(help="Peak lr at batch 1024 (scaled by global-batch/1024).")] = RECIPE.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = RECIPE.weight_decay,
     img_size: Annotated[int, typer.Option(help="Training crop side (evaluation: resize /0.875, centre crop).")
-                        ] = 224,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
-    mixup: Annotated[float, typer.Option(help="Mixup alpha, 0 = off.")] = 0.8,
-    cutmix: Annotated[float, typer.Option(help="CutMix alpha, 0 = off.")] = 1.0,
-    drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = 0.1,
-    clip_grad: Annotated[float, typer.Option(help="Max gradient norm, 0 = none.")] = 0.0,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights, 0 = no EMA (authors: 0.99996).")] = 0.0,
+                        ] = RECIPE.img_size,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = RECIPE.label_smoothing,
+    mixup: Annotated[float, typer.Option(help="Mixup alpha, 0 = off.")] = RECIPE.mixup,
+    cutmix: Annotated[float, typer.Option(help="CutMix alpha, 0 = off.")] = RECIPE.cutmix,
+    drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = RECIPE.drop_path,
+    clip_grad: Annotated[float, typer.Option(help="Max gradient norm, 0 = none.")] = RECIPE.clip_grad,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights, 0 = no EMA (authors: 0.99996).")
+                         ] = RECIPE.ema_decay,
     option: Annotated[list[str], typer.Option("--option", "-o", help="VisionConfig field key=value (repeatable), "
                                               "e.g. landmarks=avgpool, norm=pre, v_conv=(0,0,0).")] = [],
-    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
-    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps, 0 = full schedule.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = RECIPE.amp,
+    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = RECIPE.workers,
+    seed: Annotated[int, typer.Option(help="Seed.")] = RECIPE.seed,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps, 0 = full schedule.")
+                         ] = RECIPE.max_steps,
+    device: Device = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
 ) -> None:
     """Train a SOFT backbone with the paper's recipe; DDP with `torchrun --nproc_per_node N cli.py imagenet train`."""
     from lra_soft import distributed as D
     from lra_soft.checkpoint import CheckpointError
     from lra_soft.engine import TrainingDiverged
-    from lra_soft.imagenet import ImageNetConfig, train
+    from lra_soft.imagenet import train
 
     try:
         overrides = parse_options(option, "--option")
@@ -453,7 +479,7 @@ def imagenet_eval(
     batch_size: Annotated[int, typer.Option(help="Per-process batch.")] = 64,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights when the checkpoint has them.")] = True,
     workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 4,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Top-1 / top-5 of a checkpoint (resize to img_size/0.875, centre crop), summed over DDP processes."""
     from lra_soft import distributed as D

@@ -121,7 +121,6 @@ def test_cli_bench_writes_table_json_csv_png(tmp_path):
     (["--attn", "nosuch"], "unknown attention 'nosuch'"),
     (["--attn", "soft", "--option", "nosuch=1"], "accepted by none"),
     (["--attn", "soft:nosuch=1"], "unknown option(s) ['nosuch']"),
-    (["--attn", "soft", "--dtype", "float8"], "dtype 'float8' unknown"),
     (["--attn", "soft", "--lengths", "12,x"], "comma-separated positive integers"),
 ])
 def test_cli_bench_bad_input_fails_clearly(tmp_path, args, message):
