@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from lra_soft.atomic import atomic_write, atomic_write_text
+from lra_soft.atomic import atomic_write
 
-# atomic_write_text is re-exported for older imports; its home is lra_soft.atomic.
-__all__ = ["FORMAT", "CheckpointError", "atomic_write_text", "capture_rng_state", "load_checkpoint",
-           "restore_rng_state", "save_checkpoint"]
+__all__ = ["FORMAT", "CheckpointError", "capture_rng_state", "load_checkpoint", "restore_rng_state",
+           "save_checkpoint"]
 
 FORMAT = "lra_soft.checkpoint/1"  # stored under "format"; bump when the layout changes incompatibly
 

@@ -37,8 +37,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from lra_soft import distributed as D
-from lra_soft.checkpoint import (CheckpointError, atomic_write_text, capture_rng_state, load_checkpoint,
-                                 restore_rng_state, save_checkpoint)
+from lra_soft.atomic import atomic_write_text
+from lra_soft.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
+                                 save_checkpoint)
 
 LAST, BEST, CONFIG, RESULTS = "last.pt", "best.pt", "config.json", "results.json"
 METRICS, STEPS = "metrics.jsonl", "steps.jsonl"  # one row per evaluation; one row per optimizer step (train loss)
