@@ -370,9 +370,10 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
             raise DataError(f"option generator={opts['generator']} of task {NAME!r} must be one of "
                             f"{sorted(GENERATOR_VERSIONS)} (2: seeded blocks on every core, 1: one sequential stream)")
         # generator 1 keeps the identity it had before there was a choice, so its caches stay valid
-        named = {k: v for k, v in opts.items() if k != "generator"} if opts["generator"] == 1 else opts
-        identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION, "options": named,
-                    "sources": [{"generator": GENERATOR_VERSIONS[opts["generator"]], **named}]}
+        drawn = {k: v for k, v in opts.items() if k != "generator"}
+        identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION,
+                    "options": drawn if opts["generator"] == 1 else opts,
+                    "sources": [{"generator": GENERATOR_VERSIONS[opts["generator"]], **drawn}]}
 
         def build(tmp: Path) -> dict[str, Any]:
             files = write_generated(tmp / "raw", progress=progress, **opts)

@@ -1,4 +1,5 @@
 """ListOps: the seeded generator, the official TSV reader and tokenisation, the fixed vocabulary."""
+import json
 import random
 
 import numpy as np
@@ -223,3 +224,11 @@ def test_tokenizing_on_several_processes_gives_the_same_rows_and_the_first_error
     path.write_bytes(b"\r\n".join(lines))
     with pytest.raises(DataError, match=r"basic_train.tsv:41: label 12 out of range"):
         list(listops.read_tsv(path, workers=2))
+
+
+def test_the_manifest_names_the_generator_version(tmp_path):
+    small = dict(num_train=6, num_val=2, num_test=2, min_length=5, max_length=40)
+    two = read_manifest(tasks.prepare("listops", None, tmp_path / "two", progress=False, **small))
+    one = read_manifest(tasks.prepare("listops", None, tmp_path / "one", progress=False, generator=1, **small))
+    assert two["options"]["generator"] == 2 and "generator" not in one["options"]  # generator 1: the old identity
+    assert "listops-gen-2" in json.dumps(two) and "listops-gen-1" in json.dumps(one)
