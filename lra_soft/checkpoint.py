@@ -50,9 +50,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); use the run's other checkpoint "
-                              "(best.pt / last.pt) or train again") from e
+        # torch's own text is left out: for a foreign pickle it advises weights_only=False, which runs its code
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of lra-soft: corrupt, truncated, or another "
+                              f"tool's file ({type(e).__name__}); pass a best.pt / last.pt of `cli.py train`, or "
+                              "train again") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path} has layout {found!r}, this version of lra_soft reads {FORMAT!r}; "

@@ -118,9 +118,10 @@ def resolve_configs(model: EncoderConfig, train: TrainConfig, *, protocol: Proto
     model = replace(model, attention_options={**model.attention_options, **(attention_options or {})},
                     **{k: v for k, v in dict(pooling=pooling, dropout=dropout).items() if v is not None})
     train = replace(train, **{k: v for k, v in train_overrides.items() if v is not None})
-    if train.steps < 1 or train.batch_size < 1 or train.eval_every < 1:
-        raise ValueError(f"steps, batch_size and eval_every must be >= 1, got {train.steps}, {train.batch_size}, "
-                         f"{train.eval_every}")
+    for flag, value in (("--steps", train.steps), ("--batch-size", train.batch_size),
+                        ("--eval-every", train.eval_every)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1")
     if train.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {train.precision!r}")
     return model, train

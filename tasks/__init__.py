@@ -12,7 +12,7 @@ from typing import Any, Literal
 from torch.utils.data import Dataset
 
 from tasks import image, listops, pathfinder, retrieval, text
-from tasks._common import DataError, collate, read_manifest
+from tasks._common import DataError, check_options, collate, read_manifest
 
 TaskName = Literal["listops", "text", "retrieval", "image", "pathfinder"]
 
@@ -24,13 +24,25 @@ TASKS: dict[str, ModuleType] = {
     "pathfinder": pathfinder,
 }
 
-__all__ = ["TASKS", "TaskName", "DataError", "collate", "get_task", "prepare", "load", "manifest", "layouts"]
+__all__ = ["TASKS", "TaskName", "DataError", "collate", "get_task", "data_options", "check_data_options", "prepare",
+           "load", "manifest", "layouts"]
 
 
 def get_task(name: str) -> ModuleType:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {list(TASKS)}")
     return TASKS[name]
+
+
+def data_options(name: str) -> dict[str, Any]:
+    """The options of a task's ``prepare`` with their defaults (ListOps: those of its generator, the only ones)."""
+    module = get_task(name)
+    return dict(module.GENERATOR_DEFAULTS if module is listops else module.DEFAULTS)
+
+
+def check_data_options(name: str, options: dict[str, Any]) -> None:
+    """A DataError for an option the task does not take or a value of the wrong type, before any data is read."""
+    check_options(name, options, data_options(name))
 
 
 def prepare(name: str, source: Path | str | None = None, data_dir: Path = Path("data/cache"), *, progress: bool = True,

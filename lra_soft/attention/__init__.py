@@ -27,6 +27,18 @@ ATTENTION: dict[str, type[nn.Module]] = {
     "reformer": ReformerAttention,
 }
 
+# Time and memory of one call in the sequence length n (per head, for a fixed head dim), as `cli.py attentions` lists
+# them; the letters are each variant's options (SOFT's m is n / window with sampling=avgpool, else num_landmarks).
+COST: dict[str, str] = {
+    "softmax": "O(n^2)",
+    "soft": "O(n m), m = n/window or num_landmarks",
+    "gaussian": "O(n^2)",
+    "linformer": "O(n k)",
+    "performer": "O(n num_features)",
+    "nystrom": "O(n num_landmarks)",
+    "reformer": "O(n_hashes n (bucket_size + log n))",
+}
+
 
 def attention_options(name: str) -> dict[str, object]:
     """The options a variant accepts, with their defaults (everything after ``dropout`` in its constructor)."""
