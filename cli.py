@@ -1,15 +1,23 @@
 """lra-soft command line: a thin Typer layer over ``lra_soft`` and ``tasks``.
 
     python cli.py --help
+
+Every option is checked before any data is read. A mistake Typer itself finds (an unknown flag, a value that is not
+of the flag's type or not among its listed choices) is a usage error: Typer's message, exit code 2. Every other
+mistake is one line ``error: FLAG VALUE: what is wrong``, exit code 1, without a traceback (``LRA_SOFT_DEBUG=1``
+prints it first).
 """
 from __future__ import annotations
 
+import os
+import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, NoReturn, Optional
 
 import typer
 
-from lra_soft.attention import ATTENTION
+from lra_soft.attention import ATTENTION, COST, attention_options
 from lra_soft.config import parse_options
 from lra_soft.distributed import DEVICES
 from lra_soft.imagenet import ImageNetConfig
@@ -60,9 +68,113 @@ def _task_data(task: str, source: Optional[Path], data_dir: Path, data_options: 
                     source={"cache": str(cache), **summary}), manifest
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception) -> NoReturn:
+    """A user's mistake: one line on stderr, exit code 1; LRA_SOFT_DEBUG=1 prints the traceback first."""
+    if os.environ.get("LRA_SOFT_DEBUG") == "1":
+        if e.__traceback__ is None:
+            traceback.print_stack()
+        else:
+            traceback.print_exception(e)
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(1)
+
+
+def _rule(test: Callable[[Any], bool], rule: str) -> Callable:
+    """A parse-time check of a number option (each item of a repeated one); the error names flag, value and rule."""
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Any) -> Any:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and not test(v):
+                _fail(ValueError(f"{param.opts[0]} {v}: {rule}"))
+        return value
+    return check
+
+
+AT_LEAST_1 = _rule(lambda v: v >= 1, "must be >= 1")
+AT_LEAST_0 = _rule(lambda v: v >= 0, "must be >= 0")
+POSITIVE = _rule(lambda v: v > 0, "must be > 0")
+FRACTION = _rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _check_task(value: str) -> str:
+    import tasks
+
+    if value not in tasks.TASKS:
+        _fail(ValueError(f"TASK {value}: unknown task; choose from {', '.join(tasks.TASKS)}"))
+    return value
+
+
+def _check_attention(value: str) -> str:
+    if value not in ATTENTION:
+        _fail(ValueError(f"--attn {value}: unknown attention; choose from {', '.join(ATTENTION)}"))
+    return value
+
+
+def _check_source(task: str, source: Optional[Path]) -> None:
+    """A local --source must exist (its layout is read when the data is prepared); hf:REPO and tfds:NAME are looked
+    up then too."""
+    import tasks
+
+    if source is not None and not str(source).startswith(("hf:", "tfds:")) and not source.expanduser().exists():
+        _fail(ValueError(f"--source {source}: does not exist; {' '.join(tasks.TASKS[task].LAYOUTS.split())}"))
+
+
+def _data_options(task: str, items: list[str], protocol_options: Optional[dict] = None) -> dict:
+    """--data-option items read and checked against the task's options (tasks.data_options), before any data."""
+    import tasks
+
+    options = {**(protocol_options or {}), **parse_options(items, "--data-option")}
+    try:
+        tasks.check_data_options(task, options)
+    except ValueError as e:
+        _fail(ValueError(f"--data-option {' '.join(items)}: {e}"))
+    return options
+
+
+def _attention_options(task: str, attn: str, items: list[str]) -> dict:
+    """-o/--option items read and checked against the attention's options; a data option of the task is pointed to
+    --data-option."""
+    import tasks
+
+    options = parse_options(items, "--option")
+    valid = attention_options(attn)
+    data = tasks.data_options(task)
+    for key, value in options.items():
+        if key in valid:
+            continue
+        hint = f"; did you mean --data-option {key}={value}?" if key in data else ""
+        listed = ", ".join(f"{k}={v}" for k, v in valid.items()) or "none"
+        _fail(ValueError(f"--option {key}={value}: unknown option of attention {attn} (its options: {listed}){hint}"))
+    return options
+
+
+def _check_attention_values(model_cfg: Any, items: list[str]) -> None:
+    """Build one attention layer of the run (a few small tensors): its constructor checks the option values."""
+    from lra_soft.attention import build_attention
+
+    try:
+        build_attention(model_cfg.attention, model_cfg.dim, model_cfg.heads, max_len=model_cfg.max_len,
+                        dropout=model_cfg.dropout, **model_cfg.attention_options)
+    except (ValueError, TypeError) as e:
+        _fail(ValueError(f"--option {' '.join(items)}: {e}" if items else str(e)))
+
+
+def _task_defaults() -> str:
+    """The train epilog: each task's defaults under each protocol, read from the task modules and lra_soft.protocol."""
+    import tasks
+
+    from lra_soft import protocol as P
+
+    head = ("task", "steps", "batch", "lr", "warmup", "eval-every", "max-len", "pad-to paper / clean")
+    rows = [head]
+    for name, m in tasks.TASKS.items():
+        pad = [P.apply(P.PROTOCOLS[p][name], m.MODEL, m.TRAIN)[1].pad_to for p in ("paper", "clean")]
+        t = m.TRAIN
+        rows.append((name, t.steps, t.batch_size, t.lr, t.warmup, t.eval_every, m.MODEL.max_len,
+                     f"{pad[0]} / {pad[1]}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(f"{v!s:<{w}}" for v, w in zip(r, widths)).rstrip() for r in rows]
+    return ("Task defaults, which the flags above override (max-len: the prepared data's at the default data options; "
+            "pad-to 0: the longest sequence of each batch):\n\n\b\n" + "\n".join(lines))
 
 
 def _check_device(value: str) -> str:
@@ -82,10 +194,11 @@ Device = Annotated[str, typer.Option(help=f"{DEVICES}.", callback=_check_device)
 
 @app.command()
 def attentions() -> None:
-    """List the registered attentions, one line each."""
+    """List the registered attentions: cost in the sequence length n, summary, and -o options with their defaults."""
     for name, cls in ATTENTION.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        typer.echo(f"{name:<10} {doc}")
+        options = ", ".join(f"{k}={v}" for k, v in attention_options(name).items()) or "none"
+        typer.echo(f"{name:<10} {COST[name]:<40} {doc}\n{'':<10} options: {options}")
 
 
 @app.command("newton-residual")
@@ -115,18 +228,22 @@ def _source_layouts() -> str:
 
 @app.command(epilog=_source_layouts())
 def prepare(
-    task: Annotated[str, typer.Argument(help="LRA task: listops, text, retrieval, image or pathfinder.")],
+    task: Annotated[str, typer.Argument(help="LRA task: listops, text, retrieval, image or pathfinder.",
+                                        callback=_check_task)],
     source: Annotated[Optional[Path], typer.Option(help="Raw data in a layout below; text/image also hf:REPO or "
                                                         "tfds:NAME. ListOps without it: generated.")] = None,
     data_dir: Annotated[Path, typer.Option(help="Cache root; the cache is DATA_DIR/TASK.")] = Path("data/cache"),
-    option: Annotated[list[str], typer.Option("--option", "-o", help="Task option key=value (repeatable).")] = [],
+    data_option: Annotated[list[str], typer.Option(help="Task data option key=value (repeatable; the options of each "
+                                                        "task below).")] = [],
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Read one task's raw data, tokenize it and cache arrays + manifest.json (reused while source and options match)."""
     import tasks
 
+    _check_source(task, source)
     try:
-        cache = tasks.prepare(task, source, data_dir, progress=progress, **parse_options(option, "--option"))
+        options = _data_options(task, data_option)
+        cache = tasks.prepare(task, source, data_dir, progress=progress, **options)
     except (ValueError, FileNotFoundError) as e:  # tasks.DataError is a ValueError
         _fail(e)
     m = tasks.manifest(cache)
@@ -145,20 +262,29 @@ def tasks_() -> None:
         typer.echo(f"{name:<11} {doc}")
 
 
-@app.command()
+@app.command(epilog=_task_defaults())
 def train(
-    task: Annotated[str, typer.Argument(help="LRA task (see `tasks`).")],
-    attn: Annotated[str, typer.Option(help="Attention (see `attentions`).")] = "soft",
-    option: Annotated[list[str], typer.Option("--option", "-o", help="Attention option key=value (repeatable).")] = [],
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (task default).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (task default).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (task default).")] = None,
-    max_len: Annotated[Optional[int], typer.Option(help="Model length; longer inputs are cut (data's).")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Steps between dev evaluations (task default).")] = None,
-    eval_batches: Annotated[Optional[int], typer.Option(help="Dev batches per evaluation (0 = all).")] = None,
-    pad_to: Annotated[Optional[int], typer.Option(help="Pad batches to this length (0 = longest).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (task default).")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Dropout (task default: 0.1).")] = None,
+    task: Annotated[str, typer.Argument(help="LRA task (see `tasks`).", callback=_check_task)],
+    attn: Annotated[str, typer.Option(help="Attention (see `attentions`).", callback=_check_attention)] = "soft",
+    option: Annotated[list[str], typer.Option("--option", "-o", help="Attention option key=value (repeatable; see "
+                                                                      "`attentions`).")] = [],
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (task default, below).", callback=AT_LEAST_1)
+                     ] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (task default, below).",
+                                                      callback=AT_LEAST_1)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (task default, below).",
+                                                callback=POSITIVE)] = None,
+    max_len: Annotated[Optional[int], typer.Option(help="Model length; longer inputs are cut (0 = data's, below).",
+                                                   callback=AT_LEAST_0)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between dev evaluations (task default, below).",
+                                                      callback=AT_LEAST_1)] = None,
+    eval_batches: Annotated[Optional[int], typer.Option(help="Dev batches per evaluation (0 = all).",
+                                                        callback=AT_LEAST_0)] = None,
+    pad_to: Annotated[Optional[int], typer.Option(help="Pad batches to this length (0 = longest; protocol's, below).",
+                                                  callback=AT_LEAST_0)] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps (task default, below).", callback=AT_LEAST_0)
+                      ] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout (task default: 0.1).", callback=FRACTION)] = None,
     pooling: Annotated[Optional[Pooling], typer.Option(help="Pooling; mean_padded divides by the padded length "
                                                            "(protocol's).")] = None,
     protocol: Annotated[ProtocolName, typer.Option(help="paper: the Table 6 harness, exactly; clean: our fixes; see "
@@ -185,20 +311,23 @@ def train(
     try:
         module = tasks.get_task(task)
         proto = P.get_protocol(protocol, task)
-        options = parse_options(option, "--option")
+        _check_source(task, source)
+        options = _attention_options(task, attn, option)
+        data_options = _data_options(task, data_option, proto.data_options)
+        max_len = max_len or None
         overrides = dict(attention=attn, attention_options=options, pooling=pooling, dropout=dropout, steps=steps,
                          batch_size=batch_size, lr=lr, eval_every=eval_every, eval_batches=eval_batches,
                          pad_to=pad_to, warmup=warmup, seed=seed, precision=precision)
         # The options alone, before any data is touched: errors and the comparability line come first.
         model_cfg, train_cfg = resolve_configs(module.MODEL, module.TRAIN, protocol=proto, max_len=max_len,
                                                **overrides)
+        _check_attention_values(model_cfg, option)
         info = D.init_distributed(device)
         diffs = P.differences(task, model_cfg, train_cfg, task_model=module.MODEL, task_train=module.TRAIN,
                               device=info.device.type)
         if D.is_main():
             typer.echo(P.verdict(protocol, task, attn, diffs, data_checked=False))
-        data, manifest = _task_data(task, source, data_dir,
-                                    {**proto.data_options, **parse_options(data_option, "--data-option")}, progress)
+        data, manifest = _task_data(task, source, data_dir, data_options, progress)
         model_cfg, train_cfg = resolve_configs(
             module.MODEL, module.TRAIN, protocol=proto, max_len=max_len or manifest.get("max_len"),
             vocab_size=manifest["vocab_size"], num_classes=manifest["num_classes"], **overrides)
@@ -223,10 +352,11 @@ def train(
 
 @app.command("eval")
 def eval_(
-    task: Annotated[str, typer.Argument(help="LRA task the checkpoint was trained on.")],
+    task: Annotated[str, typer.Argument(help="LRA task the checkpoint was trained on.", callback=_check_task)],
     checkpoint: Annotated[Path, typer.Option(help="best.pt or last.pt of a run.")],
     split: Annotated[Split, typer.Option(help="Split to evaluate.")] = "test",
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the run's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size (default: the run's).", callback=AT_LEAST_1)
+                          ] = None,
     device: Device = "auto",
     source: Annotated[Optional[Path], typer.Option(help="Raw data, as for train.")] = None,
     data_dir: Annotated[Path, typer.Option(help="Cache directory of prepared data.")] = Path("data/cache"),
@@ -238,12 +368,13 @@ def eval_(
     from lra_soft.checkpoint import CheckpointError, load_checkpoint
     from lra_soft.train import collate_fn, evaluate, model_from_checkpoint
 
+    _check_source(task, source)
     try:
         info = D.init_distributed(device)
         state = load_checkpoint(checkpoint, required=("model", "config", "vocab"))
         if state["config"]["task"] != task:
             raise ValueError(f"{checkpoint} was trained on {state['config']['task']!r}, not {task!r}")
-        data, _ = _task_data(task, source, data_dir, parse_options(data_option, "--data-option"), progress)
+        data, _ = _task_data(task, source, data_dir, _data_options(task, data_option), progress)
         if list(state["vocab"]) != data.vocab:
             raise ValueError(f"the vocabulary of {checkpoint} differs from the prepared data's; the ids would not "
                              "mean the same tokens. Prepare the data the run was trained on")
@@ -318,26 +449,31 @@ def bench(
                                                                       "takes it (repeatable).")] = [],
     lengths: Annotated[Optional[str], typer.Option(help="Comma-separated n; imagenet: image sizes "
                                                         "[1024,2048,4096; lra 2048; imagenet 224].")] = None,
-    batch: Annotated[Optional[int], typer.Option(help="Batch size [8; lra 32; imagenet 8].")] = None,
-    heads: Annotated[Optional[int], typer.Option(help="Attention heads [2; fig1b 12].")] = None,
-    head_dim: Annotated[int, typer.Option(help="Head dimension (model width = heads x head_dim).")] = 32,
+    batch: Annotated[Optional[int], typer.Option(help="Batch size [8; lra 32; imagenet 8].", callback=AT_LEAST_1)
+                     ] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Attention heads [2; fig1b 12].", callback=AT_LEAST_1)] = None,
+    head_dim: Annotated[int, typer.Option(help="Head dimension (model width = heads x head_dim).",
+                                          callback=AT_LEAST_1)] = 32,
     dtype: Annotated[DType, typer.Option(help="Dtype of inputs and parameters.")] = "float32",
     autocast: Annotated[Autocast, typer.Option(help="torch.autocast dtype (GPU mixed precision).")] = "none",
     device: Device = "auto",
     mask: Annotated[bool, typer.Option(help="Pass a padding mask (lengths n down to about n/2).")] = False,
-    warmup: Annotated[int, typer.Option(help="Untimed calls per case.")] = 2,
-    repeats: Annotated[int, typer.Option(help="Timed calls per case (median and quartiles reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per case.", callback=AT_LEAST_0)] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed calls per case (median and quartiles reported).",
+                                         callback=AT_LEAST_1)] = 5,
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd attentions/models.")] = False,
     compile_backend: Annotated[str, typer.Option(help="torch.compile backend.")] = "inductor",
     memory: Annotated[bool, typer.Option(help="Measure peak memory.")] = True,
     flops: Annotated[bool, typer.Option(help="Count forward+backward FLOPs (attention mode).")] = True,
     floors: Annotated[bool, typer.Option(help="Measure the matmul rate and SOFT's Newton-product floor.")] = True,
     matmul_size: Annotated[int, typer.Option(help="Side of the square matmul that measures the machine's rate "
-                                                  "[0: 2048 on CPU, 8192 on GPU].")] = 0,
+                                                  "[0: 2048 on CPU, 8192 on GPU].", callback=AT_LEAST_0)] = 0,
     model: Annotated[BenchModel, typer.Option(help="none: the attention module; lra: the encoder, tokens/s; "
                                                    "imagenet: backbones, images/s.")] = "none",
-    depth: Annotated[Optional[int], typer.Option(help="lra: encoder layers [2; fig1b 12].")] = None,
-    mlp_dim: Annotated[Optional[int], typer.Option(help="lra: feed-forward width [2 x width].")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="lra: encoder layers [2; fig1b 12].", callback=AT_LEAST_1)
+                     ] = None,
+    mlp_dim: Annotated[Optional[int], typer.Option(help="lra: feed-forward width [2 x width].", callback=AT_LEAST_1)
+                       ] = None,
     variant: Annotated[list[str], typer.Option(help="imagenet: backbone (repeatable) [soft_tiny].")] = [],
     preset: Annotated[Optional[Literal["fig1b"]], typer.Option(help="fig1b: the paper's Figure 1b protocol (12 "
                                                                     "layers, d 384, h 12, m 49, batch 1, n = 784 p); "
@@ -399,15 +535,18 @@ app.add_typer(imagenet_app, name="imagenet")
 @imagenet_app.command("summary")
 def imagenet_summary(
     model: Annotated[list[str], typer.Option(help="Backbone (repeatable) [all five].")] = [],
-    img_size: Annotated[int, typer.Option(help="Square input side for FLOPs and m.")] = 224,
+    img_size: Annotated[int, typer.Option(help="Square input side for FLOPs and m.", callback=AT_LEAST_1)] = 224,
 ) -> None:
     """Parameters, FLOPs (torch.utils.flop_counter; GMACs beside the paper's G) and m per stage of the variants."""
     from lra_soft.vision import PRESETS
     from lra_soft.vision.profile import summary_table
 
-    unknown = sorted(set(model) - set(PRESETS))
+    unknown = [m for m in model if m not in PRESETS]
     if unknown:
-        _fail(ValueError(f"unknown model(s) {unknown}; choose from {sorted(PRESETS)}"))
+        _fail(ValueError(f"--model {' '.join(unknown)}: unknown backbone; choose from {', '.join(PRESETS)}"))
+    smallest = max(PRESETS[m].min_img_size for m in model or PRESETS)
+    if img_size < smallest:
+        _fail(ValueError(f"--img-size {img_size}: must be >= {smallest} (every SOFT stage needs one landmark window)"))
     typer.echo(summary_table(model or None, (img_size, img_size)))
     typer.echo("GMACs = multiply-accumulates (the paper's 'FLOPs' convention) = GFLOPs / 2; dense = Linear + Conv2d; "
                "attn = kernels, P^T A^+ (P V), stage-4 softmax and the Newton iterations (newton)")
@@ -422,29 +561,35 @@ def imagenet_train(
     model: Annotated[Backbone, typer.Option(help="Backbone.")] = RECIPE.model,
     out: Annotated[Path, typer.Option(help="Run directory (config.json, metrics.jsonl, last.pt, best.pt, results.json).")
                    ] = Path("runs/imagenet"),
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = RECIPE.epochs,
-    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.")] = RECIPE.warmup_epochs,
-    global_batch: Annotated[int, typer.Option(help="Batch over all processes.")] = RECIPE.global_batch,
-    micro_batch: Annotated[int, typer.Option(help="Per-process forward batch, 0 = global/world (else accumulate).")
-                           ] = RECIPE.micro_batch,
-    lr: Annotated[float, typer.Option(help="Peak lr at batch 1024 (scaled by global-batch/1024).")] = RECIPE.lr,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = RECIPE.weight_decay,
-    img_size: Annotated[int, typer.Option(help="Training crop side (evaluation: resize /0.875, centre crop).")
-                        ] = RECIPE.img_size,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = RECIPE.label_smoothing,
-    mixup: Annotated[float, typer.Option(help="Mixup alpha, 0 = off.")] = RECIPE.mixup,
-    cutmix: Annotated[float, typer.Option(help="CutMix alpha, 0 = off.")] = RECIPE.cutmix,
-    drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.")] = RECIPE.drop_path,
-    clip_grad: Annotated[float, typer.Option(help="Max gradient norm, 0 = none.")] = RECIPE.clip_grad,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights, 0 = no EMA (authors: 0.99996).")
-                         ] = RECIPE.ema_decay,
+    epochs: Annotated[int, typer.Option(help="Epochs.", callback=AT_LEAST_1)] = RECIPE.epochs,
+    warmup_epochs: Annotated[int, typer.Option(help="Linear warm-up epochs.", callback=AT_LEAST_0)
+                             ] = RECIPE.warmup_epochs,
+    global_batch: Annotated[int, typer.Option(help="Batch over all processes.", callback=AT_LEAST_1)
+                            ] = RECIPE.global_batch,
+    micro_batch: Annotated[int, typer.Option(help="Per-process forward batch, 0 = global/world (else accumulate).",
+                                             callback=AT_LEAST_0)] = RECIPE.micro_batch,
+    lr: Annotated[float, typer.Option(help="Peak lr at batch 1024 (scaled by global-batch/1024).", callback=POSITIVE)
+                  ] = RECIPE.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", callback=AT_LEAST_0)] = RECIPE.weight_decay,
+    img_size: Annotated[int, typer.Option(help="Training crop side (evaluation: resize /0.875, centre crop).",
+                                          callback=AT_LEAST_1)] = RECIPE.img_size,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.", callback=FRACTION)
+                               ] = RECIPE.label_smoothing,
+    mixup: Annotated[float, typer.Option(help="Mixup alpha, 0 = off.", callback=AT_LEAST_0)] = RECIPE.mixup,
+    cutmix: Annotated[float, typer.Option(help="CutMix alpha, 0 = off.", callback=AT_LEAST_0)] = RECIPE.cutmix,
+    drop_path: Annotated[float, typer.Option(help="Stochastic depth rate.", callback=FRACTION)] = RECIPE.drop_path,
+    clip_grad: Annotated[float, typer.Option(help="Max gradient norm, 0 = none.", callback=AT_LEAST_0)
+                         ] = RECIPE.clip_grad,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights, 0 = no EMA (authors: 0.99996).",
+                                             callback=FRACTION)] = RECIPE.ema_decay,
     option: Annotated[list[str], typer.Option("--option", "-o", help="VisionConfig field key=value (repeatable), "
                                               "e.g. landmarks=avgpool, norm=pre, v_conv=(0,0,0).")] = [],
     amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = RECIPE.amp,
-    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = RECIPE.workers,
+    workers: Annotated[int, typer.Option(help="DataLoader workers per process.", callback=AT_LEAST_0)
+                       ] = RECIPE.workers,
     seed: Annotated[int, typer.Option(help="Seed.")] = RECIPE.seed,
-    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps, 0 = full schedule.")
-                         ] = RECIPE.max_steps,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps, 0 = full schedule.",
+                                           callback=AT_LEAST_0)] = RECIPE.max_steps,
     device: Device = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
 ) -> None:
@@ -453,9 +598,16 @@ def imagenet_train(
     from lra_soft.checkpoint import CheckpointError
     from lra_soft.engine import TrainingDiverged
     from lra_soft.imagenet import train
+    from lra_soft.vision import preset
 
     try:
         overrides = parse_options(option, "--option")
+        # The backbone's config alone (no model, no data): a wrong field or value, or a crop too small, fails here.
+        for flag, extra in ((f"--option {' '.join(option)}", {}), (f"--img-size {img_size}", {"img_size": img_size})):
+            try:
+                preset(model, **overrides, **extra)
+            except (ValueError, TypeError) as e:
+                _fail(ValueError(f"{flag}: {e}"))
         cfg = ImageNetConfig(model=model, img_size=img_size, epochs=epochs, warmup_epochs=warmup_epochs,
                              global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
                              label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
@@ -476,9 +628,9 @@ def imagenet_eval(
     checkpoint: Annotated[Path, typer.Argument(help="last.pt or best.pt of `imagenet train`.")],
     data: Annotated[Path, typer.Option(help="ImageFolder root; evaluates DATA/SPLIT.")],
     split: Annotated[str, typer.Option(help="Sub-directory of --data.")] = "val",
-    batch_size: Annotated[int, typer.Option(help="Per-process batch.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Per-process batch.", callback=AT_LEAST_1)] = 64,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights when the checkpoint has them.")] = True,
-    workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 4,
+    workers: Annotated[int, typer.Option(help="DataLoader workers.", callback=AT_LEAST_0)] = 4,
     device: Device = "auto",
 ) -> None:
     """Top-1 / top-5 of a checkpoint (resize to img_size/0.875, centre crop), summed over DDP processes."""

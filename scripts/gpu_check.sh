@@ -112,7 +112,7 @@ if [ "$NUM_TRAIN" -gt 0 ]; then
   data_opts=(--data-option "num_train=$NUM_TRAIN")
   tic=$SECONDS
   timeout "$(( $(left) > 60 ? $(left) - 30 : 30 ))" "$PY" cli.py prepare listops --data-dir "$CACHE" \
-    -o "num_train=$NUM_TRAIN" --no-progress > "$OUT/listops_prepare.txt" 2>&1
+    --data-option "num_train=$NUM_TRAIN" --no-progress > "$OUT/listops_prepare.txt" 2>&1
   summary "4 listops data: $( [ $? -eq 0 ] && echo ok || echo FAILED), $NUM_TRAIN/2000/2000 generated in $(( SECONDS - tic )) s"
 fi
 for attn in softmax soft; do

@@ -24,12 +24,12 @@ def test_an_item_without_key_or_equals_names_the_flag_and_the_item(item):
 
 
 def test_every_caller_reads_none_alike(tmp_path):
-    # `seed=None` was the string 'None' under `prepare -o` and None under `train --data-option`.
+    # `seed=None` was the string 'None' under `prepare -o` (now `prepare --data-option`) and None under `train`.
     assert parse_specs(["soft:window=None"])[0].options == {"window": None}
     with pytest.raises(ValueError, match=r"--attn 'soft:window': 'window' is not of the form key=value"):
         parse_specs(["soft:window"])
     runner = CliRunner()
-    for command in (["prepare", "listops", "-o", "seed=None"],
+    for command in (["prepare", "listops", "--data-option", "seed=None"],
                     ["train", "listops", "--data-option", "seed=None", "--device", "cpu", "--no-progress"]):
         out = runner.invoke(app, [*command, "--data-dir", str(tmp_path)])
         assert out.exit_code == 1 and "option seed=None of task 'listops' must be of type int" in out.output, out.output

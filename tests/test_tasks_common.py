@@ -165,12 +165,13 @@ def test_cli_prepare_every_committed_fixture(tmp_path):
         assert min(counts.values()) >= 8 and f"counts {counts}" in result.output
     result = runner.invoke(app, ["prepare", "image", "--source", str(tmp_path / "none"), "--data-dir", str(tmp_path)])
     assert result.exit_code == 1 and "cifar-10-batches-py" in result.output
-    result = runner.invoke(app, ["prepare", "retrieval", "--source", str(FIXTURES / "retrieval"), "-o", "decode=yes"])
+    result = runner.invoke(app, ["prepare", "retrieval", "--source", str(FIXTURES / "retrieval"), "--data-option",
+                                     "decode=yes"])
     assert result.exit_code == 1 and "must be of type bool" in result.output
-    result = runner.invoke(app, ["prepare", "listops", "--data-dir", str(tmp_path), "-o", "seed=None"])
+    result = runner.invoke(app, ["prepare", "listops", "--data-dir", str(tmp_path), "--data-option", "seed=None"])
     assert result.exit_code == 1 and "option seed=None of task 'listops' must be of type int" in result.output
-    result = runner.invoke(app, ["prepare", "listops", "--data-dir", str(tmp_path), "-o", "seed"])
-    assert result.exit_code == 1 and "--option: 'seed' is not of the form key=value" in result.output
+    result = runner.invoke(app, ["prepare", "listops", "--data-dir", str(tmp_path), "--data-option", "seed"])
+    assert result.exit_code == 1 and "--data-option: 'seed' is not of the form key=value" in result.output
     result = runner.invoke(app, ["prepare", "--help"])
     assert result.exit_code == 0 and "new_aan_pairs.train.tsv" in result.output and "metadata" in result.output
 
