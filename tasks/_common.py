@@ -10,7 +10,7 @@ A prepared cache is one directory per task::
 
 Everything is built in a temporary sibling directory and renamed into place only once complete, so an interrupted
 prepare never leaves a directory that looks like a finished cache (writes are atomic).
-Token id 0 is padding in every task and never a real token (pitfall 7).
+Token id 0 is padding in every task and never a real token (docs/pitfalls.md, #5).
 """
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def byte_vocab() -> list[str]:
 
 
 def pixel_vocab(offset: int) -> list[str]:
-    """Pixel vocabulary: id = value + offset; with offset 1, id 0 is <pad> and black (0) is id 1 (pitfall 7)."""
+    """Pixel vocabulary: id = value + offset; with offset 1, id 0 is <pad> and black is id 1 (docs/pitfalls.md, #5)."""
     return (["<pad>"] if offset else []) + [f"px{v}" for v in range(256)]
 
 
@@ -314,7 +314,7 @@ def collate(items: Sequence[dict[str, torch.Tensor]], pad_to: int = 0) -> dict[s
     """Pad a list of dataset items with 0 to the batch's longest sequence, or to ``pad_to`` when it is > 0.
 
     Returns ``input_ids`` (b, n) long, ``mask`` (b, n) bool (True = real token), ``label`` (b,) long and, for pairs,
-    ``input_ids2`` / ``mask2``. Fixed ``pad_to`` is what landmark and Linformer variants need (pitfall 10).
+    ``input_ids2`` / ``mask2``. Fixed ``pad_to`` is what landmark and Linformer variants need (docs/pitfalls.md, #16).
     """
     if not items:
         raise ValueError("collate got an empty batch")
