@@ -130,7 +130,8 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
     images = [p for p, _, _ in entries]
 
     def records() -> list[dict[str, Any]]:
-        return [*(file_record(p, root) for p in _metadata_files(root)), tree_record(images, root, "imgs/*/*.png")]
+        pngs = tree_record(images, root, "imgs/*/*.png", progress=progress)
+        return [*(file_record(p, root) for p in _metadata_files(root)), pngs]
 
     identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION, "options": opts, "sources": records}
     return build_cache(cache_dir, identity, lambda tmp: _build(tmp, root, entries, opts, progress),
