@@ -41,8 +41,12 @@ def data_options(name: str) -> dict[str, Any]:
 
 
 def check_data_options(name: str, options: dict[str, Any]) -> None:
-    """A DataError for an option the task does not take or a value of the wrong type, before any data is read."""
-    check_options(name, options, data_options(name))
+    """A DataError for an option the task does not take, a value of the wrong type, or one the task refuses
+    (its ``validate_options``, where it has one), before any data is read."""
+    merged = check_options(name, options, data_options(name))
+    validate = getattr(get_task(name), "validate_options", None)
+    if validate is not None:
+        validate(merged)
 
 
 def prepare(name: str, source: Path | str | None = None, data_dir: Path = Path("data/cache"), *, progress: bool = True,

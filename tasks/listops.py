@@ -362,13 +362,21 @@ def locate(source: Path) -> Path:
 
 # --------------------------------------------------------------------------------------------------- prepare / load
 
+def validate_options(opts: dict[str, Any]) -> None:
+    """Values the generator refuses, before any work (``tasks.check_data_options`` calls it too)."""
+    if opts["generator"] not in GENERATOR_VERSIONS:
+        raise DataError(f"option generator={opts['generator']} of task {NAME!r} must be one of "
+                        f"{sorted(GENERATOR_VERSIONS)} (2: seeded blocks on every core, 1: one sequential stream)")
+    if not 0 <= opts["min_length"] < opts["max_length"] - 1:
+        raise DataError(f"options min_length={opts['min_length']}, max_length={opts['max_length']} of task "
+                        f"{NAME!r}: need 0 <= min_length < max_length - 1")
+
+
 def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **options: Any) -> Path:
     """Tokenize the official TSVs (or, without ``source``, generate the standard set first) into ``cache_dir``."""
     if source is None:
         opts = check_options(NAME, options, GENERATOR_DEFAULTS)
-        if opts["generator"] not in GENERATOR_VERSIONS:
-            raise DataError(f"option generator={opts['generator']} of task {NAME!r} must be one of "
-                            f"{sorted(GENERATOR_VERSIONS)} (2: seeded blocks on every core, 1: one sequential stream)")
+        validate_options(opts)
         # generator 1 keeps the identity it had before there was a choice, so its caches stay valid
         drawn = {k: v for k, v in opts.items() if k != "generator"}
         identity = {"task": NAME, "tokenizer_version": TOKENIZER_VERSION,

@@ -41,6 +41,9 @@ CASES = [  # (command, words the one line must hold)
     (["eval", "listops", "--checkpoint", "missing.pt"], ["checkpoint missing.pt does not exist"]),
     (["prepare", "listops", "--data-option", "foo=1"], ["--data-option foo=1:", "unknown option(s) ['foo']"]),
     (["prepare", "text", "--data-option", "max_length=big"], ["--data-option max_length=big:", "type int"]),
+    (["train", "listops", "--data-option", "generator=3"], ["--data-option generator=3:", "must be one of [1, 2]"]),
+    (["prepare", "listops", "--data-option", "min_length=900", "--data-option", "max_length=800"],
+     ["--data-option min_length=900 max_length=800:", "need 0 <= min_length < max_length - 1"]),
     (["prepare", "nosuch"], ["TASK nosuch: unknown task"]),
 ]
 
