@@ -247,11 +247,16 @@ def _warn_if_long(device: torch.device, seconds_per_step: float, steps_left: int
               "; a GPU runs it in minutes")
 
 
-def _older_layout(state: dict[str, Any], path: Path) -> None:
-    if "schedule" in state and "scheduler" not in state:
+def _check_scheduler(state: dict[str, Any], path: Path) -> None:
+    """A resumable last.pt has the engine's ``scheduler``; say which older layout a file without one has."""
+    if "scheduler" in state:
+        return
+    if "schedule" in state:
         raise CheckpointError(f"{path} was written by the ImageNet loop of lra-soft before its shared training "
                               "engine (checkpoint layout lra_soft.checkpoint/1 with a 'schedule' key): it cannot "
                               "be resumed by this version; `imagenet eval` still reads it, or start the run again")
+    raise CheckpointError(f"checkpoint {path} lacks ['scheduler']; it is not a last.pt of a training run "
+                          f"(keys: {sorted(state)})")
 
 
 def versions() -> dict[str, str]:
@@ -291,9 +296,8 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
     # wall: elapsed seconds of all sessions; train_time: seconds inside training steps
     step, best_acc, best_step, wall, train_time = 0, -1.0, 0, 0.0, 0.0
     if resume:
-        state = load_checkpoint(run.last, required=("model", "rng", "step", "config"))
-        _older_layout(state, run.last)
-        state = load_checkpoint(run.last, required=("model", "optimizer", "scheduler", "rng", "step", "config"))
+        state = load_checkpoint(run.last, required=("model", "optimizer", "rng", "step", "config"))
+        _check_scheduler(state, run.last)
         recipe.check_resume(state, run.last)
         if state["world_size"] != world:
             raise CheckpointError(f"{run.last} was written by {state['world_size']} processes, this run has "

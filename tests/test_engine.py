@@ -169,3 +169,12 @@ def test_lra_recipe_suggests_the_cheaper_settings_of_the_paper_run():
                      data).cheaper()
     assert "-o num_landmarks=64" in hint and "--protocol clean" in hint and "--steps 500" in hint
     assert "not comparable" in hint
+
+
+def test_a_last_pt_of_the_older_imagenet_loop_is_refused_by_name(tmp_path):
+    from lra_soft.checkpoint import save_checkpoint
+    run = tmp_path / "old"
+    save_checkpoint(run / "last.pt", {"model": {}, "optimizer": {}, "schedule": {}, "rng": [], "step": 3,
+                                      "config": {}})  # the layout before the shared engine
+    with pytest.raises(CheckpointError, match="before its shared training engine .* 'schedule' key"):
+        fit(Toy(LOOP), run, device="cpu", progress=False, resume=True)
