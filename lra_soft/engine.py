@@ -63,6 +63,10 @@ class Loop:
     ema_decay: float = 0.0        # EMA of the weights (torch's AveragedModel); 0 = none
     desc: str = "train"           # progress bar label
 
+    def precision_on(self, device: torch.device) -> str:
+        """The precision that really runs: autocast is CUDA's only; CPU runs fp32 whatever is asked."""
+        return self.precision if device.type == "cuda" else "fp32"
+
     @property
     def last_step(self) -> int:
         return min(self.stop_at, self.steps) if self.stop_at else self.steps
@@ -291,7 +295,7 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(loop.ema_decay), use_buffers=True) \
         if loop.ema_decay > 0 else None
     optimizer, scheduler = recipe.optimizer(model)
-    precision = loop.precision if dev.type == "cuda" else "fp32"  # what really runs
+    precision = loop.precision_on(dev)
     scaler = D.grad_scaler(dev, precision)
     # wall: elapsed seconds of all sessions; train_time: seconds inside training steps
     step, best_acc, best_step, wall, train_time = 0, -1.0, 0, 0.0, 0.0

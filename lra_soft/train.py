@@ -272,7 +272,7 @@ class LRARecipe(Recipe):
     def record(self, step, stats, seconds, model, ema, optimizer, scheduler):
         cfg = self.train_cfg
         dev = evaluate(model, self.data.val, self.collate, batch_size=cfg.batch_size, device=self.info.device,
-                       max_batches=cfg.eval_batches, precision=self._precision(),
+                       max_batches=cfg.eval_batches, precision=self.loop.precision_on(self.info.device),
                        progress=f"dev evaluation at step {step}" if self.progress else "")
         loss_sum, items, correct, tokens = stats.tolist()
         row = {"step": step, "loss": loss_sum / items, "acc": correct / items, "lr": scheduler.get_last_lr()[0],
@@ -283,9 +283,6 @@ class LRARecipe(Recipe):
     def report(self, row, best, best_step) -> str:
         return (f"step {row['step']}: loss {row['loss']:.4f}, dev acc {100 * row['val_acc']:.2f}% (best "
                 f"{100 * best:.2f}% at step {best_step}), {row['tokens_per_s']:,.0f} tokens/s")
-
-    def _precision(self) -> str:
-        return self.train_cfg.precision if self.info.device.type == "cuda" else "fp32"
 
     def config(self) -> dict[str, Any]:
         return {"task": self.task, "model": asdict(self.model_cfg), "train": asdict(self.train_cfg)}
