@@ -397,12 +397,12 @@ def eval_(
 @app.command("eval-all")
 def eval_all(
     runs: Annotated[Path, typer.Option(help="Directory searched for run directories (results.json).")] = Path("runs"),
-    out: Annotated[Optional[Path], typer.Option(help="Where eval_all.{md,json,csv} go (default: --runs).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where eval_all.{md,json,csv,png} go (default: --runs).")
+                   ] = None,
 ) -> None:
     """Runs grouped by experiment (mean, std, n over seeds): comparable ones beside the paper's Table 6, the rest
-    in a second table with their differences."""
+    in a second table with their differences; a plot of accuracy per task and attention with error bars."""
     from lra_soft import results as R
-    from lra_soft.atomic import atomic_write_text
 
     try:
         found = R.find_runs(runs)
@@ -411,13 +411,8 @@ def eval_all(
     if not found:
         _fail(FileNotFoundError(f"no results.json under {runs}; train first (`cli.py train listops --attn soft`)"))
     rows = R.summarize(found)
-    table = R.markdown(rows)
-    typer.echo(table)
-    out = out or runs
-    atomic_write_text(out / "eval_all.md", table + "\n")
-    atomic_write_text(out / "eval_all.json", R.to_json(rows))
-    atomic_write_text(out / "eval_all.csv", R.to_csv(rows))
-    typer.echo(f"\nwritten: {out / 'eval_all.md'}, {out / 'eval_all.json'}, {out / 'eval_all.csv'}")
+    typer.echo(R.markdown(rows))
+    typer.echo("\nwritten: " + ", ".join(str(p) for p in R.save(rows, out or runs)))
 
 
 def _command_line(ctx: typer.Context) -> str:

@@ -18,7 +18,8 @@ from lra_soft.atomic import atomic_write
 SMOOTH_STEPS = 50  # window of the moving average over the per-step loss (the harness's evaluation interval)
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file of a run (metrics.jsonl, steps.jsonl); none when it is missing."""
     if not path.exists():
         return []
     rows = []
@@ -60,8 +61,8 @@ def plot_learning_curve(run_dir: str | Path, *, loss_key: str = "loss", acc_key:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    evals = _rows(run_dir / "metrics.jsonl")
-    steps = [r for r in _rows(run_dir / "steps.jsonl") if "loss" in r]
+    evals = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r for r in read_jsonl(run_dir / "steps.jsonl") if "loss" in r]
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))

@@ -9,6 +9,10 @@ model size, pooling, padding, steps, warmup, batch, lr, beta1, precision, evalua
 options, split sizes and tokenizer); only the seed may differ. A group sits beside the paper's figure only when its
 runs are comparable with Table 6 (``lra_soft.protocol.differences`` is empty); every other group goes into a second
 table with its differences listed, so a 2-step fixture run can never look like an LRA result.
+
+``save`` writes the table as Markdown, JSON and CSV and plots it (mean test accuracy per task and attention, error
+bars of one standard deviation over seeds, the paper's figure marked on comparable bars); ``eval-all`` and ``grid``
+both use it.
 """
 from __future__ import annotations
 
@@ -16,9 +20,11 @@ import csv
 import io
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from lra_soft.atomic import atomic_write, atomic_write_text
 from lra_soft.protocol import TABLE6_TASKS
 
 # Paper Table 6, test accuracy (%); keys are this toolkit's attention names.
@@ -46,17 +52,19 @@ def find_runs(root: str | Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         raise FileNotFoundError(f"runs directory {root} does not exist; train first (`cli.py train ...`) or pass "
                                 "--runs DIR")
-    runs = []
-    for path in sorted(root.rglob("results.json")):
-        config_path = path.parent / "config.json"
-        try:
-            res = json.loads(path.read_text())
-            config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path.parent} holds a file that is not valid JSON ({e}); delete the run or re-run "
-                             "it") from e
-        runs.append({"results": res, "config": config, "run_dir": str(path.parent)})
-    return runs
+    return [read_run(path.parent) for path in sorted(root.rglob("results.json"))]
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """One finished run: its results.json, config.json (empty if absent) and directory."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    try:
+        res = json.loads((run_dir / "results.json").read_text())
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{run_dir} holds a file that is not valid JSON ({e}); delete the run or re-run it") from e
+    return {"results": res, "config": config, "run_dir": str(run_dir)}
 
 
 def experiment(run: dict[str, Any]) -> dict[str, Any]:
@@ -160,3 +168,67 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def to_json(rows: list[dict[str, Any]]) -> str:
     return json.dumps({"rows": rows, "averages": averages(rows)}, indent=1) + "\n"
+
+
+def _bar_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """The legend label of each row: attention (options); two experiments of one attention on one task (other
+    steps, protocol, ...) get the protocol and steps, then a number, so that no bar hides another."""
+    base = [r["attention"] + (f" ({r['options']})" if r["options"] else "") for r in rows]
+    clash = Counter((r["task"], b) for r, b in zip(rows, base))
+    labels = [b if clash[(r["task"], b)] == 1 else f"{b}, {r['protocol']}, {r['steps']} steps"
+              for r, b in zip(rows, base)]
+    seen: Counter = Counter()
+    out = []
+    for r, label in zip(rows, labels):
+        seen[(r["task"], label)] += 1
+        out.append(label if seen[(r["task"], label)] == 1 else f"{label} #{seen[(r['task'], label)]}")
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """One bar per experiment, grouped by task: mean test accuracy (%) with an error bar of one standard deviation
+    over seeds (none for n = 1); a black mark at the paper's figure on comparable bars; not comparable bars hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = list(TABLE6_TASKS) + sorted({r["task"] for r in rows} - set(TABLE6_TASKS))
+    task_names = [t for t in order if any(r["task"] == t for r in rows)]
+    labels = _bar_labels(rows)
+    legend = list(dict.fromkeys(labels))
+    width = 0.8 / max(len(legend), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(task_names) * max(1, len(legend)) ** 0.5 + 2), 4.5))
+    for r, label in zip(rows, labels):
+        j = legend.index(label)
+        x = task_names.index(r["task"]) - 0.4 + width * (j + 0.5)
+        ax.bar(x, r["mean"], width * 0.95, yerr=r["std"], capsize=3, color=f"C{j % 10}",
+               hatch="" if r["comparable"] else "//", error_kw={"linewidth": 1})
+        if r["paper"] is not None:
+            ax.plot([x - width * 0.45, x + width * 0.45], [r["paper"]] * 2, color="black", linewidth=2)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{j % 10}") for j in range(len(legend))]
+    if any(r["paper"] is not None for r in rows):
+        handles.append(plt.Line2D([0], [0], color="black", linewidth=2))
+        legend = legend + ["paper (Table 6)"]
+    ax.legend(handles, legend, fontsize=7, ncol=2)
+    ax.set_xticks(range(len(task_names)), task_names)
+    ax.set_xlim(-0.5, len(task_names) - 0.5)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ns = sorted({r["n"] for r in rows})
+    ax.set_title(f"seeds per bar: {', '.join(map(str, ns))}; hatched: not comparable with Table 6", fontsize=9)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def save(rows: list[dict[str, Any]], out: str | Path, stem: str = "eval_all") -> list[Path]:
+    """``stem``.md, .json, .csv and .png in ``out``; returns their paths."""
+    out = Path(out)
+    paths = [out / f"{stem}.{ext}" for ext in ("md", "json", "csv", "png")]
+    atomic_write_text(paths[0], markdown(rows) + "\n")
+    atomic_write_text(paths[1], to_json(rows))
+    atomic_write_text(paths[2], to_csv(rows))
+    plot(rows, paths[3])
+    return paths

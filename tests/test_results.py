@@ -95,3 +95,17 @@ def test_experiment_key_uses_the_precision_that_ran():
     assert experiment(base) == experiment(other)
     on_gpu = {**other, "results": {**base["results"], "precision": "fp16"}}
     assert experiment(on_gpu) != experiment(base)
+
+
+def test_save_writes_the_table_and_its_plot(tmp_path):
+    """md, json, csv and a png; the plot's bars are the rows (two experiments of one attention on one task apart)."""
+    _run(tmp_path, "a0", "listops", "soft", 0.30, seed=0)
+    _run(tmp_path, "a1", "listops", "soft", 0.40, seed=1)
+    _run(tmp_path, "b", "listops", "soft", 0.2, steps=4000, comparable=False)
+    _run(tmp_path, "c", "text", "softmax", 0.6)
+    rows = R.summarize(R.find_runs(tmp_path))
+    paths = R.save(rows, tmp_path / "out", stem="table")
+    assert [p.name for p in paths] == ["table.md", "table.json", "table.csv", "table.png"]
+    assert paths[3].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(paths[1].read_text())["rows"][0]["n"] == 2
+    assert R._bar_labels(rows) == ["soft, paper, 5000 steps", "softmax", "soft, paper, 4000 steps"]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from lra_soft.bench.attention import DTYPES, add_ratios, growth, padding_mask
 from lra_soft.bench.measure import peak_memory, time_rounds
 from lra_soft.bench.specs import AttentionSpec
+from lra_soft.config import EncoderConfig
 from lra_soft.distributed import resolve_device
 from lra_soft.engine import train_step
 
@@ -105,18 +106,46 @@ class _Trainer:
             self.run(*self.inputs)
 
 
-def _lra_trainer(spec: AttentionSpec, n: int, cfg: ModelBenchConfig, device: torch.device) -> _Trainer:
-    from lra_soft.config import EncoderConfig
+def _encoder_trainer(enc: EncoderConfig, batch: int, n: int, cfg: ModelBenchConfig, device: torch.device
+                     ) -> _Trainer:
+    """The LRA classifier ``enc`` on a random batch of ``batch`` sequences of n tokens (two per example when
+    ``enc.pair``, as Retrieval's)."""
     from lra_soft.encoder import build_model
 
+    inputs = []
+    for _ in range(2 if enc.pair else 1):
+        ids = torch.randint(0, enc.vocab_size, (batch, n), device=device)  # (b, n)
+        mask = padding_mask(batch, n, device) if cfg.mask else torch.ones(batch, n, dtype=torch.bool, device=device)
+        inputs += [ids, mask]
+    labels = torch.randint(0, enc.num_classes, (batch,), device=device)
+    return _Trainer(build_model(enc), tuple(inputs), labels, cfg, device)
+
+
+def _lra_trainer(spec: AttentionSpec, n: int, cfg: ModelBenchConfig, device: torch.device) -> _Trainer:
     enc = EncoderConfig(vocab_size=cfg.vocab_size, num_classes=cfg.num_classes, max_len=n, dim=cfg.dim,
                         depth=cfg.depth, heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
                         attention=spec.name, attention_options=dict(spec.options))
-    ids = torch.randint(0, cfg.vocab_size, (cfg.batch, n), device=device)  # (b, n)
-    mask = padding_mask(cfg.batch, n, device) if cfg.mask else torch.ones(cfg.batch, n, dtype=torch.bool,
-                                                                          device=device)
-    labels = torch.randint(0, cfg.num_classes, (cfg.batch,), device=device)
-    return _Trainer(build_model(enc), (ids, mask), labels, cfg, device)
+    return _encoder_trainer(enc, cfg.batch, n, cfg, device)
+
+
+def time_encoder_step(enc: EncoderConfig, batch: int, n: int, *, device: str = "auto", autocast: str = "none",
+                      warmup: int = 1, repeats: int = 2) -> dict[str, Any]:
+    """Measured seconds of one training step (the engine's ``train_step``: forward, backward, AdamW) and of one
+    inference forward of the LRA classifier ``enc`` on a random batch of ``batch`` x n tokens, on ``device``.
+
+    What ``grid --dry-run`` multiplies into the cost of a run. Returns ``{"step_s", "infer_s", "device"}``, or
+    ``{"error": "out of memory", "device"}`` when one step does not fit."""
+    dev = resolve_device(device)
+    cfg = ModelBenchConfig(batch=batch, dropout=enc.dropout, autocast=autocast, device=device, warmup=warmup,
+                           repeats=repeats)
+    try:
+        trainer = _encoder_trainer(enc, batch, n, cfg, dev)
+        timings = time_rounds({"step": trainer.step, "infer": trainer.infer}, dev, warmup=warmup, repeats=repeats)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        if not _is_oom(err):
+            raise
+        return {"error": "out of memory", "device": str(dev)}
+    return {"step_s": timings["step"].median, "infer_s": timings["infer"].median, "device": str(dev)}
 
 
 def _vision_trainer(variant: str, size: int, cfg: ModelBenchConfig, device: torch.device) -> _Trainer:
