@@ -147,7 +147,7 @@ def _attention_options(task: str, attn: str, items: list[str]) -> dict:
     return options
 
 
-def _check_attention_values(model_cfg: Any, items: list[str]) -> None:
+def _check_attention_values(model_cfg: Any, items: list[str], flag: str = "--option") -> None:
     """Build one attention layer of the run (a few small tensors): its constructor checks the option values."""
     from lra_soft.attention import build_attention
 
@@ -155,7 +155,7 @@ def _check_attention_values(model_cfg: Any, items: list[str]) -> None:
         build_attention(model_cfg.attention, model_cfg.dim, model_cfg.heads, max_len=model_cfg.max_len,
                         dropout=model_cfg.dropout, **model_cfg.attention_options)
     except (ValueError, TypeError) as e:
-        _fail(ValueError(f"--option {' '.join(items)}: {e}" if items else str(e)))
+        _fail(ValueError(f"{flag} {' '.join(items)}: {e}" if items else str(e)))
 
 
 def _task_defaults() -> str:
@@ -413,6 +413,144 @@ def eval_all(
     rows = R.summarize(found)
     typer.echo(R.markdown(rows))
     typer.echo("\nwritten: " + ", ".join(str(p) for p in R.save(rows, out or runs)))
+
+
+GRID_EPILOG = """Examples:
+
+\b
+  python cli.py grid --dry-run                          # the full Table 6 grid: 4 tasks x 6 attentions x 3 seeds
+  python cli.py grid                                    # run it here (one run per GPU when several are visible)
+  python cli.py grid --launcher slurm --slurm-partition gpu --timeout-min 1440
+  python cli.py grid --status                           # the state of every run
+  python cli.py grid --task listops --attn soft --attn soft:num_landmarks=64 --attn softmax --seeds 0-4
+
+Re-running the same command skips finished runs, resumes interrupted ones and retries failed ones."""
+
+
+@app.command(epilog=GRID_EPILOG)
+def grid(
+    task: Annotated[list[str], typer.Option(help="LRA task (repeatable) [Table 6's: listops, text, retrieval, "
+                                                 "image].")] = [],
+    attn: Annotated[list[str], typer.Option(help="Attention NAME or NAME:key=value,... (repeatable) [Table 6's six: "
+                                                 "softmax, soft, nystrom, linformer, performer, reformer].")] = [],
+    option: Annotated[list[str], typer.Option("--option", "-o", help="key=value for every chosen attention that "
+                                                                      "takes it (repeatable).")] = [],
+    seeds: Annotated[str, typer.Option(help="Seeds: 0,1,2 or 0-4.")] = "0,1,2",
+    protocol: Annotated[ProtocolName, typer.Option(help="Every run's --protocol (see docs/protocols.md).")
+                        ] = "paper",
+    runs: Annotated[Path, typer.Option(help="Root of the run directories RUNS/TASK/ATTENTION/seedN and of the "
+                                            "table grid.{md,json,csv,png}.")] = Path("runs/grid"),
+    launcher: Annotated[Literal["local", "slurm"], typer.Option(help="local: on this machine; slurm: one submitit "
+                                                                     "job per run.")] = "local",
+    gpus_per_job: Annotated[int, typer.Option(help="GPUs of each run (torchrun inside the job when > 1).",
+                                              callback=AT_LEAST_1)] = 1,
+    slurm_partition: Annotated[Optional[str], typer.Option(help="Slurm partition.")] = None,
+    timeout_min: Annotated[int, typer.Option(help="Slurm time limit of a job in minutes; a job that reaches it "
+                                                  "is requeued and resumes.", callback=AT_LEAST_1)] = 4320,
+    cpus_per_task: Annotated[Optional[int], typer.Option(help="CPUs of a Slurm job [8 per GPU].",
+                                                         callback=AT_LEAST_1)] = None,
+    slurm_option: Annotated[list[str], typer.Option(help="Further submitit Slurm parameter key=value, e.g. "
+                                                         "account=NAME, qos=NAME (repeatable).")] = [],
+    submitit_cluster: Annotated[Literal["slurm", "local", "debug"], typer.Option(
+        hidden=True, help="submitit's executor: local and debug run the Slurm jobs on this machine.")] = "slurm",
+    wait: Annotated[bool, typer.Option(help="slurm: wait for the jobs, then print the table.")] = False,
+    status: Annotated[bool, typer.Option("--status", help="Show each run's state and stop.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan with each run's estimated cost and "
+                                                            "stop.")] = False,
+    measure: Annotated[bool, typer.Option(help="--dry-run: time one training step of each task x attention here.")
+                       ] = True,
+    max_runs: Annotated[int, typer.Option(help="local: start at most this many runs this time (0 = all).",
+                                          callback=AT_LEAST_0)] = 0,
+    source: Annotated[list[str], typer.Option(help="TASK=PATH: raw data of a task, as train's --source "
+                                                   "(repeatable).")] = [],
+    data_dir: Annotated[Path, typer.Option(help="Cache directory of prepared data.")] = Path("data/cache"),
+    data_option: Annotated[list[str], typer.Option(help="TASK:key=value: a task's data option (repeatable).")] = [],
+    steps: Annotated[Optional[int], typer.Option(help="Every run's --steps (task default).", callback=AT_LEAST_1)
+                     ] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Every run's --batch-size.", callback=AT_LEAST_1)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Every run's --lr.", callback=POSITIVE)] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Every run's --warmup.", callback=AT_LEAST_0)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Every run's --eval-every.", callback=AT_LEAST_1)] = None,
+    eval_batches: Annotated[Optional[int], typer.Option(help="Every run's --eval-batches.", callback=AT_LEAST_0)
+                            ] = None,
+    pad_to: Annotated[Optional[int], typer.Option(help="Every run's --pad-to.", callback=AT_LEAST_0)] = None,
+    max_len: Annotated[Optional[int], typer.Option(help="Every run's --max-len.", callback=AT_LEAST_1)] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Every run's --dropout.", callback=FRACTION)] = None,
+    pooling: Annotated[Optional[Pooling], typer.Option(help="Every run's --pooling.")] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help="Every run's --precision.")] = None,
+    device: Device = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars while preparing data.")] = True,
+) -> None:
+    """The LRA table: one train run per task x attention x seed in RUNS/TASK/ATTENTION/seedN, each in its own
+    process; finished runs are skipped, interrupted ones resumed; then mean, std and n per cell beside Table 6."""
+    import tasks
+
+    from lra_soft import grid as G
+    from lra_soft import protocol as P
+    from lra_soft import results as R
+    from lra_soft.bench.specs import parse_specs
+
+    try:
+        names = [_check_task(t) for t in task] or list(P.TABLE6_TASKS)
+        specs = parse_specs(attn or list(P.TABLE6_ATTENTIONS), option)
+        sources = {t: v[-1] for t, v in G.per_task(source, "--source", "=", names).items()}
+        for t, src in sources.items():
+            _check_source(t, Path(src))
+        data_options = {}
+        for t, items in G.per_task(data_option, "--data-option", ":", names).items():
+            _data_options(t, items, P.get_protocol(protocol, t).data_options)  # checked with the protocol's
+            data_options[t] = parse_options(items, "--data-option")
+        train = dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, eval_every=eval_every,
+                     eval_batches=eval_batches, pad_to=pad_to, max_len=max_len, dropout=dropout, pooling=pooling,
+                     precision=precision)
+        cfg = G.GridConfig(tasks=tuple(names), attentions=tuple(specs), seeds=G.parse_seeds(seeds),
+                           protocol=protocol, runs=runs, data_dir=data_dir, sources=sources,
+                           data_options=data_options, train={k: v for k, v in train.items() if v is not None},
+                           device=device)
+        for t in names:
+            for spec in specs:
+                _check_attention_values(G.resolve(cfg, t, spec)[0], [spec.label], flag=f"--attn (task {t})")
+        plan = G.make_plan(cfg)
+        if status:
+            typer.echo(G.status_table(G.states(plan)))
+            return
+        if dry_run:
+            typer.echo(G.dry_run(cfg, plan, gpus_per_job=gpus_per_job, measure=measure,
+                                 log=lambda line: typer.echo(line, err=True)))
+            return
+        G.check_conflicts(G.states(plan))
+        executor = None
+        if launcher == "slurm":
+            executor = G.slurm_executor(runs / ".submitit" / "%j", cluster=submitit_cluster,
+                                        partition=slurm_partition, timeout_min=timeout_min,
+                                        gpus_per_job=gpus_per_job, cpus_per_task=cpus_per_task,
+                                        options=parse_options(slurm_option, "--slurm-option"))
+        else:
+            G.gpu_slots(G.visible_gpus(), gpus_per_job)  # enough GPUs, before any data
+        G.prepare_data(cfg, progress=progress, log=typer.echo)
+    except (ValueError, FileNotFoundError, tasks.DataError) as e:
+        _fail(e)
+    if executor is None:
+        final = G.launch_local(plan, gpus_per_job=gpus_per_job, log=typer.echo, limit=max_runs)
+    else:
+        jobs = G.launch_slurm(plan, executor, gpus_per_job=gpus_per_job, root=runs, log=typer.echo)
+        if not wait:
+            typer.echo(f"{len(jobs)} job(s) submitted; `--status` with the same arguments shows every run's state; "
+                       f"the last job to end writes the table to {runs / (G.TABLE_STEM + '.md')}")
+            return
+        for _, job in jobs:
+            job.result()
+        final = G.states(plan)
+    rows, paths = G.table(plan, runs)
+    if rows:
+        typer.echo("\n" + R.markdown(rows) + "\n\nwritten: " + ", ".join(str(p) for p in paths))
+    left = [s for s in final if s.state != "done"]
+    for s in left:
+        typer.echo(f"{s.run.name}: {G.describe(s)}", err=True)
+    failed = sum(s.state == "failed" for s in left)
+    if failed:
+        _fail(RuntimeError(f"{failed} of {len(plan)} runs failed (logs above); fix the cause and run the same "
+                           "command again: finished runs are kept, the failed ones are tried again"))
 
 
 def _command_line(ctx: typer.Context) -> str:
