@@ -1,4 +1,5 @@
-"""Library-backed sources shared by Text and Image: Hugging Face (hub, local parquet, save_to_disk) and tfds.
+"""Library-backed sources shared by Text and Image: Hugging Face (hub, local parquet, save_to_disk) and tfds
+(prepared ArrayRecord data through ``tfds.data_source`` without TensorFlow, TFRecord data through TensorFlow).
 
 Hub access is checked with one short TCP connection first, so that without network the user gets a clear error
 within seconds instead of minutes of retries. Nothing here runs at import; ``datasets`` and
@@ -162,23 +163,85 @@ def _rows(ds, columns: Sequence[str], where: str) -> Iterator[tuple]:
 
 # --------------------------------------------------------------------------------------------------- tfds
 
-def tfds_splits(spec: str, splits: Sequence[str], columns: Sequence[str]) -> dict[str, Iterator[tuple]]:
-    """``tfds:<name>`` through tensorflow-datasets, only when it is installed and the data is already prepared."""
-    name = spec[5:]
+TFDS_INSTALL = "pip install 'lra-soft[tfds]'"
+
+
+def _tfds():
+    """tensorflow-datasets, an optional dependency: only ``tfds:`` sources need it."""
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise DataError(f"source {spec} needs tensorflow-datasets, which is not installed: pip install "
-                        f"'lra-soft[tfds]' tensorflow, then `tfds build {name}`; or use one of the other "
-                        f"layouts (see `python cli.py prepare --help`)") from None
+        raise DataError(f"tfds: sources are read through tensorflow-datasets, which is not installed: "
+                        f"{TFDS_INSTALL}") from None
+    if not hasattr(tfds, "builder"):  # its __init__ logs and swallows a failed import of its own modules
+        raise DataError(f"tensorflow-datasets is installed but failed to import (see the log above): reinstall it "
+                        f"with {TFDS_INSTALL}")
+    return tfds
 
-    def rows(split: str) -> Iterator[tuple]:
+
+def _has_tensorflow() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _build_hint(name: str) -> str:
+    # tensorflow-datasets 4.9.10's `tfds build` command also needs apache-beam; the Python call does not
+    return (f"prepare it first with `python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
+            f"file_format='array_record').download_and_prepare()\"` (or `tfds build {name} "
+            f"--file_format=array_record`), or set TFDS_DATA_DIR to the folder that holds it")
+
+
+def tfds_record(builder, splits: Sequence[str]) -> dict[str, Any]:
+    """What identifies prepared tfds data in a cache manifest: builder, config, version, format and split sizes, so
+    that new data (another version, config or file format, more or fewer examples) rebuilds the cache."""
+    info = builder.info
+    config = builder.builder_config.name if builder.builder_config is not None else None
+    sizes = {s: {"examples": int(info.splits[s].num_examples), "bytes": int(info.splits[s].num_bytes)}
+             for s in splits if s in info.splits}
+    return {"tfds": builder.name, "config": config, "version": str(builder.version),
+            "file_format": info.file_format.value, "splits": sizes}
+
+
+def tfds_splits(spec: str, splits: Sequence[str], columns: Sequence[str]) -> tuple[dict[str, Any], list[dict]]:
+    """``tfds:<name>[/<config>][:<version>]``, prepared in ``TFDS_DATA_DIR`` (or tfds' default folder): per-split
+    row iterators and one source record (:func:`tfds_record`).
+
+    ArrayRecord data is read through ``builder.as_data_source`` (random access, no TensorFlow); TFRecord data
+    through ``builder.as_dataset``, which needs TensorFlow. Each split is opened here, so that data that is missing
+    or unreadable fails before any work; its rows are read lazily."""
+    name = spec[5:]
+    tfds = _tfds()
+    data_dir = os.environ.get("TFDS_DATA_DIR") or None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError, a bad config or version string, an unreadable dataset_info.json
+        raise DataError(f"source {spec}: tfds cannot open {name!r} ({e.__class__.__name__}: {e})") from None
+    file_format = builder.info.file_format.value
+    if file_format != "array_record" and not _has_tensorflow():
+        if not builder.is_prepared():
+            raise DataError(f"source {spec}: tfds has no prepared {name} in {builder.data_dir}; "
+                            f"{_build_hint(name)} (array_record data is read without TensorFlow)")
+        raise DataError(f"source {spec}: its prepared data is stored as {file_format} files, which "
+                        f"tensorflow-datasets reads only through TensorFlow, and TensorFlow is not installed: "
+                        f"{TFDS_INSTALL} (it brings tensorflow-cpu), or rebuild it as array_record, which is read "
+                        f"without TensorFlow: `tfds build {name} --file_format=array_record`")
+    opened = {}
+    for split in splits:
         try:
-            ds = tfds.load(name, split=split, download=False, data_dir=os.environ.get("TFDS_DATA_DIR"))
-        except Exception as e:
-            raise DataError(f"tfds could not load {name}[{split}] ({e.__class__.__name__}: {e}); prepare it first "
-                            f"with `tfds build {name}` or set TFDS_DATA_DIR") from None
-        for example in tfds.as_numpy(ds):
-            yield tuple(example[c] for c in columns)
+            opened[split] = (builder.as_data_source(split=split) if file_format == "array_record"
+                             else builder.as_dataset(split=split, shuffle_files=False))
+        except Exception as e:  # AssertionError (not prepared), ValueError (unknown split), IO errors
+            raise DataError(f"source {spec}: tfds could not open split {split!r} of {name} in "
+                            f"{builder.data_dir} ({e.__class__.__name__}: {e}); {_build_hint(name)}") from None
+    rows = {s: _tfds_rows(tfds, ds, columns, spec) for s, ds in opened.items()}
+    return rows, [tfds_record(builder, splits)]
 
-    return {s: rows(s) for s in splits}
+
+def _tfds_rows(tfds, ds, columns: Sequence[str], spec: str) -> Iterator[tuple]:
+    """Examples of an opened split as tuples of ``columns``; a data source by index, a tf.data pipeline as numpy."""
+    examples = (ds[i] for i in range(len(ds))) if hasattr(ds, "__getitem__") else tfds.as_numpy(ds)
+    for example in examples:
+        missing = [c for c in columns if c not in example]
+        if missing:
+            raise DataError(f"source {spec}: examples have no feature(s) {missing}; found {sorted(example)}")
+        yield tuple(example[c] for c in columns)

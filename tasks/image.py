@@ -146,8 +146,8 @@ def _open(source: str | Path) -> tuple[dict[str, Any], Any, list[Path] | None]:
     """({"train": iterable, "test": iterable} of (rgb (n, 32, 32, 3), labels (n,)) chunks, source records or a
     callable computing them, the source files whose sizes and times decide whether to recompute them)."""
     if is_tfds(source):
-        splits = tfds_splits(str(source), ("train", "test"), ("image", "label"))
-        return {s: _chunks(rows) for s, rows in splits.items()}, [{"tfds": str(source)}], None
+        splits, records = tfds_splits(str(source), ("train", "test"), ("image", "label"))
+        return {s: _chunks(rows) for s, rows in splits.items()}, records, None
     if is_hf(source):
         splits, records = hf_splits(str(source), ("train", "test"), ("img", "label"))
         return {s: _chunks(rows) for s, rows in splits.items()}, records, None

@@ -74,7 +74,7 @@ def _records(source: str | Path) -> tuple[dict[str, Any], Any, list[Path] | None
     """Open a source: ({"train": iterable, "test": iterable} of (text, label), source records or a callable
     computing them, the source files whose sizes and times decide whether to recompute them)."""
     if is_tfds(source):
-        return tfds_splits(str(source), ("train", "test"), ("text", "label")), [{"tfds": str(source)}], None
+        return *tfds_splits(str(source), ("train", "test"), ("text", "label")), None
     if is_hf(source):
         return *hf_splits(str(source), ("train", "test"), ("text", "label")), None
     source = Path(source).expanduser()

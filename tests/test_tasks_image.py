@@ -115,14 +115,3 @@ def test_parquet_matches_batches_and_hub_fails_fast_offline(tmp_path, monkeypatc
     with pytest.raises(DataError, match="cannot reach the Hugging Face hub.*uoft-cs/cifar10"):
         tasks.prepare("image", "hf:uoft-cs/cifar10", tmp_path / "c", progress=False)
     assert time.monotonic() - start < 10
-
-
-def test_tfds_absence_is_reported(tmp_path):
-    """Without tensorflow-datasets a tfds: source says what to install (docs/pitfalls.md, #1)."""
-    try:
-        import tensorflow_datasets  # noqa: F401
-        pytest.skip("tensorflow_datasets is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(DataError, match=r"source tfds:cifar10 needs tensorflow-datasets.*tfds build cifar10"):
-        tasks.prepare("image", "tfds:cifar10", tmp_path / "c", progress=False)

@@ -75,17 +75,6 @@ def test_hub_without_network_fails_within_seconds(tmp_path, monkeypatch):
     assert not (tmp_path / "c").exists()
 
 
-def test_tfds_absence_is_reported(tmp_path):
-    """Without tensorflow-datasets a tfds: source says what to install (docs/pitfalls.md, #1)."""
-    try:
-        import tensorflow_datasets  # noqa: F401
-        pytest.skip("tensorflow_datasets is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(DataError, match="needs tensorflow-datasets, which is not installed"):
-        tasks.prepare("text", "tfds:imdb_reviews", tmp_path / "c", progress=False)
-
-
 def test_errors_missing_source_empty_split_bad_label(tmp_path):
     """Missing source, empty split, label out of range, missing parquet split (docs/pitfalls.md, #9, #1)."""
     with pytest.raises(DataError, match="needs --source"):
