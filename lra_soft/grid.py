@@ -548,7 +548,11 @@ def slurm_executor(folder: Path, *, cluster: str = "slurm", partition: str | Non
     except ImportError:
         raise ValueError("--launcher slurm needs submitit: pip install 'lra-soft[slurm]'") from None
 
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as e:  # no srun on this machine
+        raise ValueError(f"--launcher slurm: {e} Submit from a login node of the cluster, or use --launcher "
+                         "local") from None
     params: dict[str, Any] = {"name": name, "timeout_min": timeout_min, "nodes": 1, "tasks_per_node": 1,
                               "gpus_per_node": gpus_per_job,
                               "cpus_per_task": cpus_per_task or max(2, 8 * gpus_per_job)}
