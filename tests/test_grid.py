@@ -55,8 +55,9 @@ def _results(runs):
 def test_plan_one_run_per_cell_with_its_train_command(tmp_path):
     plan = G.make_plan(_config(tmp_path / "runs", data_options={"text": {"val": "test"}}))
     assert len(plan) == 8 and len({r.path for r in plan}) == 8
-    assert [r.name for r in plan[:4]] == ["listops/soft-iters=10-window=8/seed0", "listops/soft-iters=10-window=8/seed1",
-                                          "listops/softmax/seed0", "listops/softmax/seed1"]
+    soft = "listops/soft-iters=10-window=8"
+    assert [r.name for r in plan[:4]] == [f"{soft}/seed0", f"{soft}/seed1", "listops/softmax/seed0",
+                                          "listops/softmax/seed1"]
     run = plan[1]
     assert run.path == tmp_path / "runs" / "listops" / "soft-iters=10-window=8" / "seed1"
     args = list(run.args)
