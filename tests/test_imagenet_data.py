@@ -1,4 +1,5 @@
-"""ImageNet data path: ImageFolder, the Pillow transforms, mixup/CutMix and label smoothing against torch references."""
+"""ImageNet data path: ImageFolder, mixup/CutMix and label smoothing against torch references (the transforms:
+test_imagenet_transforms.py)."""
 import numpy as np
 import pytest
 import torch
@@ -6,8 +7,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lra_soft.imagenet.augment import MixupCutmix, smooth_one_hot, soft_target_cross_entropy
-from lra_soft.imagenet.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolder, RandomResizedCrop, ResizeCenterCrop,
-                                    eval_transform, train_transform)
+from lra_soft.imagenet.data import ImageFolder
+from lra_soft.imagenet.transforms import eval_transform
 
 
 def _folder(root, classes=("b", "a"), per_class=2, size=(30, 20)):
@@ -34,28 +35,6 @@ def test_image_folder_labels_and_errors(tmp_path):
     (tmp_path / "empty" / "x").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFolder(tmp_path / "empty", eval_transform(16))
-
-
-def test_eval_transform_is_resize_then_center_crop():
-    """224 from 256: the short side goes to size / 0.875, then the centre crop; then ImageNet normalisation."""
-    img = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
-    out = eval_transform(14)(img)
-    resized = np.asarray(img.resize((24, 16), Image.BICUBIC), dtype=np.float32) / 255  # short side 14 / 0.875 = 16
-    want = (torch.from_numpy(resized[1:15, 5:19]).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN)[:, None, None]) \
-        / torch.tensor(IMAGENET_STD)[:, None, None]
-    torch.testing.assert_close(out, want)
-    assert ResizeCenterCrop(224).resize == 256
-
-
-def test_random_resized_crop_boxes():
-    crop = RandomResizedCrop(8)
-    for _ in range(200):
-        left, top, right, bottom = crop.box(50, 30)
-        w, h = right - left, bottom - top
-        assert 0 <= left < right <= 50 and 0 <= top < bottom <= 30
-        assert 0.08 * 1500 * 0.8 <= w * h <= 1500 and 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.25  # rounding slack
-    assert crop(Image.new("RGB", (50, 30))).size == (8, 8)
-    assert train_transform(8)(Image.new("RGB", (50, 30))).shape == (3, 8, 8)
 
 
 def test_label_smoothing_matches_torch():

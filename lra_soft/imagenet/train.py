@@ -28,7 +28,8 @@ from lra_soft.checkpoint import CheckpointError, load_checkpoint
 from lra_soft.curves import plot_learning_curve
 from lra_soft.engine import Loop, Recipe
 from lra_soft.imagenet.augment import MixupCutmix, soft_target_cross_entropy
-from lra_soft.imagenet.data import ImageFolder, eval_transform, train_transform
+from lra_soft.imagenet.data import ImageFolder
+from lra_soft.imagenet.transforms import eval_transform, train_transform
 from lra_soft.vision import SoftVisionTransformer, VisionConfig, build_model
 from lra_soft.vision.model import config_dict
 
