@@ -690,8 +690,14 @@ RECIPE = ImageNetConfig()  # the paper's recipe: every default of `imagenet trai
 
 @imagenet_app.command("train")
 def imagenet_train(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="ImageFolder root holding train/<class>/* and val/<class>/*.")],
     model: Annotated[Backbone, typer.Option(help="Backbone.")] = RECIPE.model,
+    recipe: Annotated[Literal["paper", "authors"], typer.Option(
+        help="paper: Section 4.1 (the defaults shown). authors: + RandAugment rand-m9-mstd0.5-inc1, random erasing "
+             "0.25, colour jitter 0.4, random interpolation (through timm: pip install 'lra-soft[timm]'), "
+             "min-lr 5e-5, clip-grad 1.0, EMA 0.99996, eval crop 0.9, lr per model; flags given still win.")
+    ] = RECIPE.recipe,
     out: Annotated[Path, typer.Option(help="Run directory (config.json, metrics.jsonl, last.pt, best.pt, results.json).")
                    ] = Path("runs/imagenet"),
     epochs: Annotated[int, typer.Option(help="Epochs.", callback=AT_LEAST_1)] = RECIPE.epochs,
@@ -704,7 +710,7 @@ def imagenet_train(
     lr: Annotated[float, typer.Option(help="Peak lr at batch 1024 (scaled by global-batch/1024).", callback=POSITIVE)
                   ] = RECIPE.lr,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.", callback=AT_LEAST_0)] = RECIPE.weight_decay,
-    img_size: Annotated[int, typer.Option(help="Training crop side (evaluation: resize /0.875, centre crop).",
+    img_size: Annotated[int, typer.Option(help="Training crop side (evaluation: resize /crop_pct, centre crop).",
                                           callback=AT_LEAST_1)] = RECIPE.img_size,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.", callback=FRACTION)
                                ] = RECIPE.label_smoothing,
@@ -726,11 +732,13 @@ def imagenet_train(
     device: Device = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
 ) -> None:
-    """Train a SOFT backbone with the paper's recipe; DDP with `torchrun --nproc_per_node N cli.py imagenet train`."""
+    """Train a SOFT backbone with the paper's recipe or the authors' (--recipe); DDP with `torchrun --nproc_per_node N
+    cli.py imagenet train`."""
     from lra_soft import distributed as D
     from lra_soft.checkpoint import CheckpointError
     from lra_soft.engine import TrainingDiverged
     from lra_soft.imagenet import train
+    from lra_soft.imagenet.recipes import get_recipe
     from lra_soft.vision import preset
 
     try:
@@ -741,11 +749,16 @@ def imagenet_train(
                 preset(model, **overrides, **extra)
             except (ValueError, TypeError) as e:
                 _fail(ValueError(f"{flag}: {e}"))
-        cfg = ImageNetConfig(model=model, img_size=img_size, epochs=epochs, warmup_epochs=warmup_epochs,
-                             global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
-                             label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
-                             clip_grad=clip_grad, ema_decay=ema_decay, amp=amp, workers=workers, seed=seed,
-                             max_steps=max_steps)
+        flags = dict(model=model, img_size=img_size, epochs=epochs, warmup_epochs=warmup_epochs,
+                     global_batch=global_batch, micro_batch=micro_batch, lr=lr, weight_decay=weight_decay,
+                     label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, drop_path=drop_path,
+                     clip_grad=clip_grad, ema_decay=ema_decay, amp=amp, workers=workers, seed=seed,
+                     max_steps=max_steps)
+        # the recipe's values replace the defaults of the flags it sets, not a value given on the command line
+        sets = get_recipe(recipe).defaults(model)
+        given = {k: v for k, v in flags.items()
+                 if getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE" or k not in sets}
+        cfg = ImageNetConfig.for_recipe(recipe, **given)
         metrics = train(cfg, data, out, device=device, resume=resume, **overrides)
     except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, TrainingDiverged) as e:
         D.cleanup()

@@ -80,4 +80,4 @@ def test_imagenet_train_defaults_are_imagenet_config_defaults():
     recipe = ImageNetConfig()
     fields = {f.name for f in dataclasses.fields(ImageNetConfig)}
     shown = {p.name: p.default for p in command.params if p.name in fields}
-    assert len(shown) == 18 and shown == {name: getattr(recipe, name) for name in shown}
+    assert len(shown) == 19 and shown == {name: getattr(recipe, name) for name in shown}

@@ -1,4 +1,5 @@
-"""ImageNet training and evaluation of the SOFT backbones: the paper's recipe (Section 4.1) on torch alone.
+"""ImageNet training and evaluation of the SOFT backbones: the paper's recipe (Section 4.1) on torch alone, or the
+authors' (their augmentations through timm; ``lra_soft.imagenet.recipes``).
 
 AdamW, weight decay 0.05, 10 epochs of linear warm-up then cosine annealing, 300 epochs, global batch 1024 split
 over the DDP processes (``torchrun``; per-process batch = global / world, with gradient accumulation when
@@ -13,12 +14,14 @@ stopped, as for the LRA tasks.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import numpy as np
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -29,13 +32,15 @@ from lra_soft.curves import plot_learning_curve
 from lra_soft.engine import Loop, Recipe
 from lra_soft.imagenet.augment import MixupCutmix, soft_target_cross_entropy
 from lra_soft.imagenet.data import ImageFolder
-from lra_soft.imagenet.transforms import eval_transform, train_transform
+from lra_soft.imagenet.recipes import build_train_transform, check_available, get_recipe
+from lra_soft.imagenet.transforms import eval_transform, eval_resize
 from lra_soft.vision import SoftVisionTransformer, VisionConfig, build_model
 from lra_soft.vision.model import config_dict
 
 
 @dataclass(frozen=True)
 class ImageNetConfig:
+    recipe: str = "paper"           # a key of lra_soft.imagenet.recipes.RECIPES: "paper" or "authors" (needs timm)
     model: str = "soft_tiny"        # a key of lra_soft.vision.PRESETS
     img_size: int = 224             # training crop; evaluation resizes to img_size / crop_pct first
     crop_pct: float = 0.875         # 224 / 256 (Table 3)
@@ -60,6 +65,12 @@ class ImageNetConfig:
     workers: int = 8                # DataLoader processes per training process
     seed: int = 0
     max_steps: int = 0              # stop after this many optimizer steps (smoke runs); 0 = the full schedule
+
+    @classmethod
+    def for_recipe(cls, recipe: str = "paper", **given) -> ImageNetConfig:
+        """The recipe's values (for ``given["model"]``), then ``given`` (e.g. the flags set on the command line)."""
+        model = given.get("model", cls.model)
+        return cls(**{**get_recipe(recipe).defaults(model), **given, "recipe": recipe})
 
 
 # --- optimisation -----------------------------------------------------------------------------------------------------
@@ -133,12 +144,18 @@ class ImageNetRecipe(Recipe):
 
     def __init__(self, cfg: ImageNetConfig, data_dir: str | Path, **model_overrides):
         self.cfg, self.data_dir, self.model_overrides = cfg, Path(data_dir), model_overrides
+        self.recipe = get_recipe(cfg.recipe)
+        check_available(self.recipe)  # before any data: a missing library is named in one line
+        eval_resize(cfg.img_size, cfg.crop_pct)
 
     def setup(self, info: dist.DistInfo) -> None:
         cfg = self.cfg
         self.info, self.pin = info, info.device.type == "cuda"
         self.per_process, self.micro, accum = _batch_split(cfg.global_batch, cfg.micro_batch, info.world_size)
-        self.train_set = ImageFolder(self.data_dir / "train", train_transform(cfg.img_size))
+        self.train_set = ImageFolder(self.data_dir / "train", build_train_transform(self.recipe, cfg.img_size))
+        if self.recipe.uses_timm:  # timm's augmentations draw from Python's and NumPy's generators (per worker:
+            random.seed(cfg.seed + info.rank)  # seeded by DataLoader; here for --workers 0)
+            np.random.seed(cfg.seed + info.rank)
         self.classes = self.train_set.classes
         self.val = eval_loader(self.data_dir / "val", self.classes, cfg, self.micro, info.world_size, info.rank,
                                self.pin)
@@ -206,14 +223,18 @@ class ImageNetRecipe(Recipe):
         return asdict(self.cfg)
 
     def config_file(self) -> dict:
-        return {"train": asdict(self.cfg), "model": self.model_config, "classes": len(self.classes),
-                "micro_batch": self.micro, "accumulation": self.loop.accumulation, "peak_lr": self.peak_lr}
+        return {"train": asdict(self.cfg), "recipe": self.recipe.settings(), "model": self.model_config,
+                "classes": len(self.classes), "micro_batch": self.micro, "accumulation": self.loop.accumulation,
+                "peak_lr": self.peak_lr}
 
     def check_resume(self, state: dict, path: Path) -> None:
         # the schedule's length may grow (--max-steps), the data and the model may not
         if state["classes"] != self.classes or state["model_config"] != self.model_config:
             raise CheckpointError(f"checkpoint {path} was trained on other classes or another model "
                                   "configuration; resume with the data and --model of that run")
+        trained = state.get("config", {}).get("recipe", "paper")
+        if trained != self.cfg.recipe:
+            raise CheckpointError(f"checkpoint {path} was trained with --recipe {trained}; resume with that recipe")
 
     def state(self) -> dict:
         return {"classes": self.classes, "model_config": self.model_config}
