@@ -36,3 +36,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Optional libraries whose tests CI must really run: one closing line each says how many ran and passed.
+REPORTED = {"tensorflow-datasets (tfds: sources)": "tests/test_tfds_sources.py"}
+
+
+def pytest_terminal_summary(terminalreporter):
+    for what, path in REPORTED.items():
+        outcomes = [(key, r) for key in ("passed", "failed", "skipped", "error")
+                    for r in terminalreporter.stats.get(key, []) if getattr(r, "nodeid", "").startswith(path)]
+        if not outcomes:
+            continue
+        count = {key: sum(k == key for k, r in outcomes) for key in ("passed", "failed", "skipped", "error")}
+        terminalreporter.write_line(f"{what}: {path} ran {count['passed'] + count['failed']} tests "
+                                    f"({count['passed']} passing), skipped {count['skipped']}, errors {count['error']}")
