@@ -525,13 +525,15 @@ def grid(
                                         partition=slurm_partition, timeout_min=timeout_min,
                                         gpus_per_job=gpus_per_job, cpus_per_task=cpus_per_task,
                                         options=parse_options(slurm_option, "--slurm-option"))
-        else:
+        elif not device.startswith("cuda:"):
             G.gpu_slots(G.visible_gpus(), gpus_per_job)  # enough GPUs, before any data
         G.prepare_data(cfg, progress=progress, log=typer.echo)
     except (ValueError, FileNotFoundError, tasks.DataError) as e:
         _fail(e)
     if executor is None:
-        final = G.launch_local(plan, gpus_per_job=gpus_per_job, log=typer.echo, limit=max_runs)
+        # --device cuda:N pins every run to that GPU: then runs go one after another, devices left as they are.
+        final = G.launch_local(plan, gpus_per_job=gpus_per_job, log=typer.echo, limit=max_runs,
+                               gpus=[] if device.startswith("cuda:") else None)
     else:
         jobs = G.launch_slurm(plan, executor, gpus_per_job=gpus_per_job, root=runs, log=typer.echo)
         if not wait:

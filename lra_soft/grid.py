@@ -67,6 +67,7 @@ TRAIN_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "lr": "--lr", "
 # directory itself, which may have moved); the first two take a value.
 _NOT_THE_EXPERIMENT = ("--device", "--out", "--resume", "--no-progress")
 STOP_GRACE_S = 60.0  # a stopped training gets this long after SIGTERM before SIGKILL
+PROBE_S = 5.0        # --dry-run on a CPU: the longest step timed before extrapolating to the run's batch
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,8 @@ def _try_lock(path: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:  # a filesystem without flock (some Lustre mounts): runs go unlocked, a running one looks interrupted
+        pass
     return fd
 
 
@@ -622,12 +625,12 @@ class Estimate:
 
 def estimate(cfg: GridConfig, task: str, spec: AttentionSpec, *, gpus: int = 1, measure: bool = True,
              repeats: int = 2) -> Estimate:
-    """One run's cost: a training step and an inference forward of its model at its batch (per process) and padded
-    length (``pad_to``, else ``max_len``: the longest a batch can be) measured here (lra_soft.bench), times its steps
-    and evaluations. Without a prepared cache the evaluations are left out; with ``measure=False`` only the counts."""
+    """One run's cost: a training step and an inference forward of its model at its batch (per process; on a CPU
+    extrapolated from smaller batches when a step takes long) and padded length (``pad_to``, else ``max_len``: the longest a batch can be) measured
+    here (lra_soft.bench), times its steps and evaluations. Without a prepared cache the evaluations are left out;
+    with ``measure=False`` only the counts."""
     import tasks
 
-    from lra_soft.bench.model import time_encoder_step
     from lra_soft.distributed import resolve_device
 
     cache = Path(_absolute(cfg.data_dir)) / task
@@ -651,12 +654,44 @@ def estimate(cfg: GridConfig, task: str, spec: AttentionSpec, *, gpus: int = 1, 
     autocast = {"fp16": "float16", "bf16": "bfloat16"}.get(train.precision, "none") if device.type == "cuda" \
         else "none"
     try:
-        got = time_encoder_step(model, batch, n, device=cfg.device, autocast=autocast, repeats=repeats)
+        got = _time_at_batch(model, batch, n, device, autocast, repeats)
     except (ValueError, RuntimeError) as e:  # the run would fail the same way at its first step
         return Estimate(None, None, train.steps, eval_batches, shape, error=f"fails: {e}")
     if "error" in got:
         return Estimate(None, None, train.steps, eval_batches, shape, error=got["error"])
+    if got["timed_at"] != batch:
+        shape += f" (timed at batch {got['timed_at'] // 2} and {got['timed_at']}, extrapolated)"
     return Estimate(got["step_s"], got["infer_s"], train.steps, eval_batches, shape)
+
+
+def _time_at_batch(model, batch: int, n: int, device, autocast: str, repeats: int) -> dict[str, Any]:
+    """Step and inference seconds at ``batch``. A GPU is timed at it. A CPU, where a paper-setting step at batch 32
+    takes minutes, is timed at batches 1, 2, 4, ... while a step stays under PROBE_S; past that, the line through
+    the last two timings (a step's fixed part, the optimizer's, plus a part per example) is extrapolated to
+    ``batch``."""
+    from lra_soft.bench.model import time_encoder_step
+
+    if device.type == "cuda":
+        return {**time_encoder_step(model, batch, n, device=str(device), autocast=autocast, repeats=repeats),
+                "timed_at": batch}
+    points: list[tuple[int, dict[str, Any]]] = []
+    probe = 1
+    while True:
+        got = time_encoder_step(model, min(probe, batch), n, device=str(device), repeats=repeats)
+        if "error" in got:
+            return got
+        points.append((min(probe, batch), got))
+        if probe >= batch:
+            return {**got, "timed_at": batch}
+        if got["step_s"] > PROBE_S and len(points) >= 2:
+            break
+        probe *= 2
+    (b0, t0), (b1, t1) = points[-2], points[-1]
+
+    def line(key: str) -> float:
+        slope = max(0.0, (t1[key] - t0[key]) / (b1 - b0))
+        return t1[key] + slope * (batch - b1)
+    return {"step_s": line("step_s"), "infer_s": line("infer_s"), "timed_at": b1}
 
 
 def dry_run(cfg: GridConfig, plan: list[Run], *, gpus_per_job: int = 1, measure: bool = True,
