@@ -781,7 +781,7 @@ def imagenet_eval(
     workers: Annotated[int, typer.Option(help="DataLoader workers.", callback=AT_LEAST_0)] = 4,
     device: Device = "auto",
 ) -> None:
-    """Top-1 / top-5 of a checkpoint (resize to img_size / the run's crop_pct, centre crop), summed over DDP processes."""
+    """Top-1 / top-5 of a checkpoint (resize to img_size / its crop_pct, centre crop), summed over DDP processes."""
     from lra_soft import distributed as D
     from lra_soft.checkpoint import CheckpointError
     from lra_soft.imagenet import evaluate_checkpoint
