@@ -54,8 +54,9 @@ def tfds_prepared(root: Path, file_format: str, per_class: tuple[int, int] = (40
     (cifar / "batches.meta.txt").write_text("\n".join(CIFAR_LABELS) + "\n")
     data_dir = root / "tfds"
     config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    with mock.patch.object(tfds.download.DownloadManager, "download", lambda self, url: str(archive)), \
-            mock.patch.object(tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(cifar.parent)):
+    manager = tfds.download.DownloadManager
+    with mock.patch.object(manager, "download", lambda self, url: str(archive)), \
+            mock.patch.object(manager, "download_and_extract", lambda self, url: str(cifar.parent)):
         for name in ("imdb_reviews", "cifar10"):
             tfds.builder(name, data_dir=str(data_dir), file_format=file_format).download_and_prepare(
                 download_config=config)
