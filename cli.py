@@ -19,8 +19,11 @@ import typer
 
 from lra_soft.attention import ATTENTION, COST, attention_options
 from lra_soft.config import parse_options
-from lra_soft.distributed import DEVICES
+from lra_soft.atomic import DiskFull
+from lra_soft.distributed import DEVICES, ProcessFailed
 from lra_soft.imagenet import ImageNetConfig
+from lra_soft.interrupt import raise_on_sigterm
+from lra_soft.locks import Busy
 
 # Choices of the options below, listed by --help and by the error for any other value; tests/test_cli_choices.py
 # checks each against the names the library itself accepts.
@@ -42,6 +45,7 @@ def _setup(
                                                      "them afresh (glibc mallopt, see lra_soft/allocator.py): faster "
                                                      "long sequences on CPU; the peak heap stays allocated.")] = True,
 ) -> None:
+    raise_on_sigterm()  # SIGTERM unwinds like Ctrl-C: every clean-up runs (temporary files, a cache being built)
     if malloc_tuning:
         from lra_soft.allocator import keep_freed_memory
 
@@ -77,6 +81,23 @@ def _fail(e: Exception) -> NoReturn:
             traceback.print_exception(e)
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(1)
+
+
+RUN_ERRORS = (Busy, DiskFull, ProcessFailed)  # a run refused or stopped: its message says what is kept
+
+
+def _stopped(e: KeyboardInterrupt, ctx: Optional[typer.Context] = None, run_dir: Optional[Path] = None) -> NoReturn:
+    """Ctrl-C or SIGTERM: one line, what is kept and how to go on; exit code 130 / 143 (128 + the signal)."""
+    line = str(e) or "stopped by SIGINT"
+    if ctx is not None and run_dir is not None and (Path(run_dir) / "last.pt").exists():
+        command = _command_line(ctx) + ("" if ctx.params.get("resume") else " --resume")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            command = "torchrun [the same options] " + command.removeprefix("python ")
+        line += f"; to continue: {command}"
+    else:
+        line += "; nothing half-written is kept: run the command again"
+    typer.echo(f"interrupted: {line}", err=True)
+    raise typer.Exit(getattr(e, "exit_code", 130))
 
 
 def _rule(test: Callable[[Any], bool], rule: str) -> Callable:
@@ -244,8 +265,10 @@ def prepare(
     try:
         options = _data_options(task, data_option)
         cache = tasks.prepare(task, source, data_dir, progress=progress, **options)
-    except (ValueError, FileNotFoundError) as e:  # tasks.DataError is a ValueError
+    except (ValueError, FileNotFoundError, DiskFull, Busy) as e:  # tasks.DataError is a ValueError
         _fail(e)
+    except KeyboardInterrupt as e:  # a cache being built is removed on the way out
+        _stopped(e)
     m = tasks.manifest(cache)
     typer.echo(f"{task}: {cache} counts {m['counts']} vocab_size {m['vocab_size']} max_len {m['max_len']}")
     if m.get("skipped_empty"):
@@ -264,6 +287,7 @@ def tasks_() -> None:
 
 @app.command(epilog=_task_defaults())
 def train(
+    ctx: typer.Context,
     task: Annotated[str, typer.Argument(help="LRA task (see `tasks`).", callback=_check_task)],
     attn: Annotated[str, typer.Option(help="Attention (see `attentions`).", callback=_check_attention)] = "soft",
     option: Annotated[list[str], typer.Option("--option", "-o", help="Attention option key=value (repeatable; see "
@@ -308,6 +332,7 @@ def train(
     from lra_soft.checkpoint import CheckpointError
     from lra_soft.train import TrainingDiverged, fit, resolve_configs
 
+    run_dir = None
     try:
         module = tasks.get_task(task)
         proto = P.get_protocol(protocol, task)
@@ -340,9 +365,12 @@ def train(
         run_dir = out or Path("runs") / f"{task}-{attn}{tag}-{protocol}-seed{seed}"
         results = fit(task, model_cfg, train_cfg, data, run_dir, device=device, resume=resume, progress=progress,
                       differences=data_diffs)
-    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, TrainingDiverged) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, TrainingDiverged, *RUN_ERRORS) as e:
         D.cleanup()
         _fail(e)
+    except KeyboardInterrupt as e:
+        D.cleanup()
+        _stopped(e, ctx, run_dir)
     if D.is_main():
         typer.echo(f"{task}/{attn}: test accuracy {100 * results['test_acc']:.2f}% on {results['test_examples']} "
                    f"examples (best dev {100 * results['best_val_acc']:.2f}% at step {results['best_step']}); "
@@ -559,13 +587,19 @@ def _command_line(ctx: typer.Context) -> str:
     """The command as a user would retype it: every parameter given on the command line, in declaration order."""
     import shlex
 
-    words = ["python", "cli.py", *ctx.command_path.split()[1:]]
+    names, c = [], ctx
+    while c.parent is not None:  # the (sub)command names, whatever the program was called (cli.py, -m cli)
+        names.insert(0, c.info_name)
+        c = c.parent
+    words = ["python", "cli.py", *names]
     for param in ctx.command.params:
         # Compared by name: typer may vendor its own click, whose ParameterSource is another enum class.
         if getattr(ctx.get_parameter_source(param.name), "name", None) != "COMMANDLINE":
             continue
         value = ctx.params[param.name]
-        if getattr(param, "is_flag", False) and param.secondary_opts:
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif getattr(param, "is_flag", False) and param.secondary_opts:
             words.append(param.opts[0] if value else param.secondary_opts[0])
         elif getattr(param, "is_flag", False):
             words.append(param.opts[0])
@@ -762,9 +796,12 @@ def imagenet_train(
                  if getattr(ctx.get_parameter_source(k), "name", None) == "COMMANDLINE" or k not in sets}
         cfg = ImageNetConfig.for_recipe(recipe, **given)
         metrics = train(cfg, data, out, device=device, resume=resume, **overrides)
-    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, TrainingDiverged) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, CheckpointError, TrainingDiverged, *RUN_ERRORS) as e:
         D.cleanup()
         _fail(e)
+    except KeyboardInterrupt as e:
+        D.cleanup()
+        _stopped(e, ctx, out)
     if D.is_main():
         typer.echo(f"{model}: step {metrics['step']}, val top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%"
                    f" on {metrics['images']} images; run directory {out}")

@@ -8,16 +8,56 @@ Every write goes to a temporary ``.NAME.XXXX.tmp`` beside the target (same files
 is flushed to disk with ``fsync``, then renamed over the target with ``os.replace``. On any exception (a
 KeyboardInterrupt included) the temporary file is removed and the target is left as it was. The file gets the
 permissions a plain ``open`` would give (0666 less the umask), not ``mkstemp``'s 0600.
+
+A write that runs out of space (ENOSPC, or EDQUOT over a quota) raises :class:`DiskFull`, an ``OSError`` whose one
+line names the file, says that its previous version is intact and how much space the new one needs.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 GB``: bytes in decimal units, three significant digits."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+class DiskFull(OSError):
+    """A write found no space left (ENOSPC / EDQUOT); the target was left as it was. ``str()`` is the one line.
+
+    ``kept`` and ``need`` replace what the message says is kept and how much is needed (the defaults are those of
+    an atomic replacement: the previous file, and its size)."""
+
+    def __init__(self, path: Path, error: OSError, written: int = 0, *, kept: str = "", need: str = ""):
+        previous = path.stat().st_size if path.is_file() else 0
+        free = shutil.disk_usage(path.parent).free
+        kept = kept or (f"the previous {path.name} ({human_bytes(previous)}) is intact" if previous else
+                        f"{path.name} was not written")
+        need = need or (f"the new one needs about {human_bytes(previous)} (the previous one's size)"
+                        if previous >= written else
+                        f"the new one needs more than the {human_bytes(written)} written before the disk filled")
+        self.message = (f"{path}: {os.strerror(error.errno).lower()} while writing it; {kept}; {need}, "
+                        f"{human_bytes(free)} is free on its filesystem: free space there, then try again")
+        super().__init__(error.errno, self.message, str(path))
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def current_umask() -> int:
@@ -40,6 +80,12 @@ def _temporary_beside(path: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)  # first: it holds the space the message counts as free
+        if e.errno in NO_SPACE:
+            raise DiskFull(path, e, written) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -5,7 +5,8 @@
     restore_rng_state(state["rng"])
 
 A write goes through ``lra_soft.atomic`` (a temporary file beside the target, fsynced, then ``os.replace``d over it),
-so a reader only ever sees the old file or the complete new one.
+so a reader only ever sees the old file or the complete new one; on a full disk the previous file stays and
+``lra_soft.atomic.DiskFull`` says so.
 Everything stored is tensors and plain Python values: no pickled classes, hence the safe ``weights_only`` loader.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lra_soft.atomic import atomic_write
+from lra_soft.atomic import atomic_open
 
 __all__ = ["FORMAT", "CheckpointError", "capture_rng_state", "load_checkpoint", "restore_rng_state",
            "save_checkpoint"]
@@ -37,7 +38,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
     state = {**state, "format": FORMAT}
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    # Into a file object: on a full disk torch.save(path) fails with an opaque RuntimeError, through Python's own
+    # writes it is the OSError (ENOSPC) that lra_soft.atomic turns into DiskFull.
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",

@@ -9,6 +9,14 @@ process group (NCCL on CUDA, gloo on CPU). A plain ``python cli.py ...`` is a wo
     all_reduce_sum(t); barrier(); if is_main(): save ...
     cleanup()
 
+An error on one process must not leave the others waiting forever in their next collective: ``agree`` exchanges
+every process's status (failed or not, a stop signal or not) at points all of them reach, over a gloo group of CPU
+tensors (no GPU synchronisation). Every collective here agrees first, and the training step agrees before each
+forward and before the backward that all-reduces the gradients (DDP's own collectives), so a process that failed
+anywhere before those points is met there: every process raises :class:`ProcessFailed` with the failing one's
+message. (A failure *inside* the gradient all-reduce of a backward is left to torch's timeouts: the others are
+blocked in a collective by then.)
+
 bf16 autocast covers the matmuls of the model; each attention keeps its numerically delicate parts (Gaussian kernel,
 Newton inverse, softmax) in float32 itself, so nothing here special-cases an attention.
 """
@@ -21,6 +29,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+_CONTROL: dist.ProcessGroup | None = None  # the gloo group of ``agree``, made at its first call
+
+
+class ProcessFailed(RuntimeError):
+    """An error on one process of a distributed run, raised on every process with the same message."""
 
 
 @dataclass(frozen=True)
@@ -89,14 +103,50 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _control_group() -> dist.ProcessGroup:
+    """gloo for CPU status tensors: the default group when it is gloo, else one made now (every process is here)."""
+    global _CONTROL
+    if _CONTROL is None:
+        _CONTROL = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CONTROL
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def agree(failed: BaseException | None = None, stop: int = 0) -> int:
+    """Every process's status, where all of them call this. If any ``failed``, raise ProcessFailed on every process
+    with the message of the lowest failing rank; else return the largest ``stop`` (a signal number, 0 = none) asked
+    for by any process. A world of one: ``failed`` is raised as it is, ``stop`` returned."""
+    if not is_dist():
+        if failed is not None:
+            raise failed
+        return stop
+    n, me = world_size(), rank()
+    status = torch.zeros(n + 1, dtype=torch.int64)
+    status[n] = stop
+    if failed is not None:
+        status[me] = 1
+    dist.all_reduce(status, op=dist.ReduceOp.MAX, group=_control_group())
+    failing = status[:n].nonzero().flatten().tolist()
+    if failing:
+        box = [describe(failed) if me == failing[0] else None]
+        dist.broadcast_object_list(box, src=failing[0], group=_control_group())
+        raise ProcessFailed(f"process {failing[0]} of {n} failed: {box[0]}") from failed
+    return int(status[n])
+
+
 def barrier() -> None:
     if is_dist():
+        agree()
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place and returned; identity in a world of one."""
     if is_dist():
+        agree()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -109,6 +159,7 @@ def all_gather_objects(obj: object) -> list[object]:
     """Every process's ``obj`` (picklable), in rank order; ``[obj]`` in a world of one."""
     if not is_dist():
         return [obj]
+    agree()
     out: list[object] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -118,6 +169,7 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     """``obj`` from rank ``src`` on every process (e.g. a decision only rank 0 can make)."""
     if not is_dist():
         return obj
+    agree()
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -138,5 +190,7 @@ def grad_scaler(device: torch.device, precision: bool | str) -> torch.amp.GradSc
 
 
 def cleanup() -> None:
+    global _CONTROL
     if is_dist():
         dist.destroy_process_group()
+    _CONTROL = None

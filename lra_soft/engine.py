@@ -4,12 +4,17 @@ A recipe says *what* is trained: the model, its optimizer and schedule, the batc
 evaluation and the files a run leaves behind. The engine owns *how*, identically for every recipe:
 
 - the run directory: ``config.json``, ``metrics.jsonl`` (one row per evaluation), ``steps.jsonl`` (the training
-  loss of every step, for the learning curve), ``last.pt``, ``best.pt`` and ``results.json``; a directory that holds a run is refused unless ``resume=True``, which continues it;
+  loss of every step, for the learning curve), ``last.pt``, ``best.pt`` and ``results.json``; a directory that holds
+  a run is refused unless ``resume=True``, which continues it, and one that another process trains into is refused
+  (a lock, ``lra_soft.locks``, that dies with its process);
 - distributed set-up (``torchrun``: one process per device, DDP averages the gradients), seeding (the same initial
   weights on every process, then a stream per process), gradient accumulation (``no_sync`` on all micro-batches but
   the last), precision (autocast on CUDA, a GradScaler for fp16), gradient clipping, an optional EMA of the weights;
 - the divergence check: the step's statistics are summed over all processes before anything else, so a NaN/inf
-  loss on one rank stops every rank, at the same step, with the same message and the last good checkpoint;
+  loss on one rank stops every rank, at the same step, with the same message and the last good checkpoint; any
+  other error of one process (data, a step, a write) reaches all of them the same way (``distributed.agree``);
+- SIGINT/SIGTERM (``lra_soft.interrupt``): the step under way finishes, last.pt is written, and ``Interrupted``
+  (exit code 130/143 on the command line) says so; a full disk keeps the previous checkpoint (``atomic.DiskFull``);
 - evaluation every ``eval_every`` steps and at the end, best-so-far selection, and RNG-exact checkpoints: ``last.pt``
   holds model, optimizer, scheduler, scaler, EMA, every process's RNG states and the step (a recipe's batches are a
   pure function of seed, epoch and step), so a run killed at any moment and resumed ends with the same metrics.
@@ -24,6 +29,8 @@ import contextlib
 import itertools
 import json
 import platform
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,9 +44,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from lra_soft import distributed as D
-from lra_soft.atomic import atomic_write_text
+from lra_soft.atomic import NO_SPACE, DiskFull, atomic_write_text
 from lra_soft.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
                                  save_checkpoint)
+from lra_soft.interrupt import Interrupted, StopRequest
+from lra_soft.locks import LOCK, hold
 
 LAST, BEST, CONFIG, RESULTS = "last.pt", "best.pt", "config.json", "results.json"
 METRICS, STEPS = "metrics.jsonl", "steps.jsonl"  # one row per evaluation; one row per optimizer step (train loss)
@@ -47,6 +56,9 @@ METRICS, STEPS = "metrics.jsonl", "steps.jsonl"  # one row per evaluation; one r
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+COLLECTIVE = (TrainingDiverged, D.ProcessFailed)  # raised by every process at once: nothing to tell the others
 
 
 @dataclass(frozen=True)
@@ -147,17 +159,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     ``model`` is what runs forward (a DDP wrapper when distributed; ``ddp`` then names it so that every
     micro-batch but the last skips the gradient all-reduce). ``stats`` are summed over all processes *before* the
     update, and ``on_stats`` sees them there: raising in it (the divergence check) leaves the weights untouched.
+    The processes agree (``distributed.agree``) before every DDP collective, so an error of one reaches all.
     """
     scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     total, count = None, 0
     for i, batch in enumerate(micro_batches):
+        D.agree()  # all fetched their micro-batch: before the forward, where DDP may broadcast buffers
         count += 1
         sync = ddp is None or i == accumulation - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():
             with autocast():
                 value, stats = loss(model, batch)
+            if sync:
+                D.agree()  # all ran their forward: before the backward that all-reduces the gradients
             scaler.scale(value / accumulation if accumulation > 1 else value).backward()
         total = stats if total is None else total + stats
     if count != accumulation:
@@ -187,18 +203,31 @@ _END = object()
 # --------------------------------------------------------------------------------------------------- run directory
 
 class RunDir:
-    """A run's files. A new run refuses a directory that already holds one; a resumed run needs its last.pt."""
+    """A run's files. A new run refuses a directory that already holds one; a resumed run needs its last.pt; while
+    a process trains into it (``lock``), any other is refused."""
 
     def __init__(self, path: str | Path, resume: bool):
         self.path = Path(path)
         self.last, self.best = self.path / LAST, self.path / BEST
         self.metrics, self.steps, self.results = self.path / METRICS, self.path / STEPS, self.path / RESULTS
-        if resume and not self.last.exists():
+        self.resume = resume
+        self._check()
+
+    def _check(self) -> None:
+        if self.resume and not self.last.exists():
             raise CheckpointError(f"--resume: {self.last} does not exist (nothing to resume in {self.path}); "
                                   "drop --resume to start a new run")
-        if not resume and (self.last.exists() or self.results.exists()):
+        if not self.resume and (self.last.exists() or self.results.exists()):
             raise FileExistsError(f"{self.path} already holds a run; pass --resume to continue it or another --out")
-        self.resume = resume
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the directory's lock for the block (Busy if another process trains into it), checked again under
+        it: that process may have written last.pt since."""
+        with hold(self.path / LOCK, f"the run directory {self.path}", wait=False,
+                  hint="another training writes into it; wait for it to end, or pass another --out"):
+            self._check()
+            yield
 
     def start(self, config: dict[str, Any], step: int) -> None:
         """config.json; metrics of a resumed run cut back to its checkpoint (a kill may have cut a line short)."""
@@ -215,10 +244,16 @@ class RunDir:
                 atomic_write_text(path, "".join(line + "\n" for line in _rows_up_to(path, step)))
 
     def append(self, row: dict[str, Any], steps: list[dict[str, Any]] = ()) -> None:
-        """An evaluation's row, after the per-step rows since the last one."""
+        """An evaluation's row, after the per-step rows since the last one (a line a full disk cut short is
+        rewritten by the resume, which keeps only the lines up to its checkpoint)."""
         for path, rows in ((self.steps, steps), (self.metrics, [row])):
-            with open(path, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+            except OSError as e:
+                if e.errno in NO_SPACE:
+                    raise DiskFull(path, e, kept="its earlier lines are intact", need="a line needs little") from e
+                raise
 
     def rows(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
@@ -278,15 +313,57 @@ def versions() -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------------- fit
 
+@dataclass
+class _Position:
+    """How far a run got, for the message of an error that stops it."""
+    step: int = 0
+    last_good: int = 0      # the step last.pt holds (0 = none written)
+    training: bool = False  # the steps have begun
+
+    def kept(self, run_dir: Path, everyone: bool) -> str:
+        who = "every process" if everyone else "the run"
+        if not self.training:
+            return f"; {who} stopped before training"
+        kept = f"the last good checkpoint is {run_dir / LAST} (step {self.last_good}): --resume continues from it" \
+            if self.last_good else "no checkpoint was written yet"
+        return f"; {who} stopped after step {self.step}, and {kept}"
+
+
 def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bool = False,
         progress: bool = True) -> dict[str, Any]:
-    """Train ``recipe``, evaluate on its cadence, keep the best, finish; returns results.json (on every process)."""
+    """Train ``recipe``, evaluate on its cadence, keep the best, finish; returns results.json (on every process).
+
+    An error of any process stops all of them: ``distributed.ProcessFailed`` with the same message on every
+    process (a world of one raises the error itself); the message of that and of a full disk (``DiskFull``) ends
+    with the last good checkpoint. SIGINT/SIGTERM end the step under way, write last.pt and raise ``Interrupted``.
+    """
     info = D.init_distributed(device)
+    at = _Position()
+    try:
+        try:
+            recipe.progress = progress and info.is_main  # bars then show on a terminal only (tqdm's disable=None)
+            recipe.setup(info)
+            run = RunDir(run_dir, resume)
+            announce = (lambda line: tqdm.write(line, file=sys.stderr)) if info.is_main else None
+            with run.lock() if info.is_main else contextlib.nullcontext(), StopRequest(announce) as stop:
+                return _train(recipe, run, info, progress, stop, at)
+        except Exception as e:
+            if D.is_dist() and not isinstance(e, COLLECTIVE):
+                D.agree(failed=e)  # the others hear of it at their next agreement; all raise ProcessFailed
+            raise
+    except D.ProcessFailed as e:
+        e.args = (f"{e}{at.kept(Path(run_dir), everyone=True)}",)
+        raise
+    except DiskFull as e:
+        e.message += at.kept(Path(run_dir), everyone=D.is_dist())
+        raise
+
+
+def _train(recipe: Recipe, run: RunDir, info: D.DistInfo, progress: bool, stop: StopRequest, at: _Position
+           ) -> dict[str, Any]:
+    """``fit`` inside the run directory's lock and the stop request; ``at`` follows the step and last.pt."""
     dev, world, rank = info.device, info.world_size, info.rank
-    recipe.progress = progress and info.is_main  # bars then show on a terminal only (tqdm's disable=None)
-    recipe.setup(info)
     loop = recipe.loop
-    run = RunDir(run_dir, resume)
 
     # The same initial weights on every process (DDP also broadcasts rank 0's); per-process streams after.
     torch.manual_seed(loop.seed)
@@ -299,7 +376,10 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
     scaler = D.grad_scaler(dev, precision)
     # wall: elapsed seconds of all sessions; train_time: seconds inside training steps
     step, best_acc, best_step, wall, train_time = 0, -1.0, 0, 0.0, 0.0
-    if resume:
+    # since the last evaluation: summed stats, step seconds, per-step rows (in last.pt when a signal stops a run
+    # between evaluations, so that the next evaluation's row is the uninterrupted run's); the last evaluation's row
+    interval, interval_time, step_rows, row = None, 0.0, [], {}
+    if run.resume:
         state = load_checkpoint(run.last, required=("model", "optimizer", "rng", "step", "config"))
         _check_scheduler(state, run.last)
         recipe.check_resume(state, run.last)
@@ -317,6 +397,9 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
         restore_rng_state(state["rng"][rank])
         step, best_acc, best_step = state["step"], state["best_acc"], state["best_step"]
         wall, train_time = state["wall"], state["train_time"]
+        interval, interval_time = state.get("interval"), state.get("interval_time", 0.0)
+        interval = None if interval is None else interval.to(dev)
+        step_rows, row = list(state.get("step_rows", [])), state["metrics"]
         recipe.load_state(state)
     if info.is_main:
         run.start({**recipe.config_file(), "world_size": world, "device": str(dev), "versions": versions()}, step)
@@ -324,25 +407,49 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
     ddp = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 \
         else None
 
-    def checkpoint_state(row: dict[str, Any]) -> dict[str, Any]:
+    def checkpoint_state() -> dict[str, Any]:
         return {"model": model.state_dict(), "ema": None if ema is None else ema.module.state_dict(),
                 "ema_updates": 0 if ema is None else int(ema.n_averaged), "config": recipe.config(),
                 "step": step, "epoch": step // loop.steps_per_epoch, "metrics": row, **recipe.state()}
 
+    def save_last(rngs: list[object]) -> None:
+        save_checkpoint(run.last, {
+            **checkpoint_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rngs, "best_acc": best_acc, "best_step": best_step,
+            "wall": wall, "train_time": train_time, "world_size": world,
+            "interval": interval, "interval_time": interval_time, "step_rows": step_rows})
+
     last = loop.last_step
     bar = tqdm(total=last, initial=step, disable=None if progress and info.is_main else True, dynamic_ncols=True,
                desc=loop.desc)
-    interval, interval_time, step_rows = None, 0.0, []  # stats, step seconds and step rows since the last evaluation
-    last_good, session_start, wall0 = step, time.perf_counter(), wall
+    at.step, at.last_good, at.training = step, step, True
+    session_start, wall0 = time.perf_counter(), wall
     session_first, eta_start = step, session_start
 
     def diverged(stats: torch.Tensor) -> None:
         if not torch.isfinite(stats).all():
             bar.close()
-            kept = f"the last good checkpoint is {run.last} (step {last_good})" if last_good else \
+            kept = f"the last good checkpoint is {run.last} (step {at.last_good})" if at.last_good else \
                 "no checkpoint was written yet"
             raise TrainingDiverged(f"loss is {stats[0].item() / stats[1].item()} at step {step + 1}; the run "
                                    f"stopped and {kept}. Lower --lr or check the data, then --resume or start again")
+
+    def stopped() -> Interrupted | None:
+        """At a step boundary: if any process was signalled, last.pt at this step and the Interrupted to raise."""
+        signum = D.agree(stop=stop.signum)
+        if not signum:
+            return None
+        nonlocal wall
+        if at.last_good != step:
+            rngs = D.all_gather_objects(capture_rng_state())
+            wall = wall0 + time.perf_counter() - session_start
+            if info.is_main:
+                save_last(rngs)
+            D.barrier()
+            at.last_good = step
+        bar.close()
+        return Interrupted(signum, f"stopped by {signal.Signals(signum).name} after step {step} of {last}; "
+                                   f"{run.last} holds the run at that step")
 
     while step < last:
         epoch, offset = divmod(step, loop.steps_per_epoch)
@@ -355,6 +462,7 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
             if ema is not None:
                 ema.update_parameters(model)
             step += 1
+            at.step = step
             took = time.perf_counter() - tic
             interval = stats if interval is None else interval + stats
             interval_time += took
@@ -382,17 +490,15 @@ def fit(recipe: Recipe, run_dir: str | Path, *, device: str = "auto", resume: bo
                     # Order matters for a kill between writes: best.pt, then the metrics line, then last.pt
                     # (a resume from the older last.pt redoes and rewrites all three identically).
                     if improved:
-                        save_checkpoint(run.best, {**checkpoint_state(row), "val_acc": best_acc})
+                        save_checkpoint(run.best, {**checkpoint_state(), "val_acc": best_acc})
                     run.append(row, steps_done)
-                    save_checkpoint(run.last, {
-                        **checkpoint_state(row), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                        "best_acc": best_acc, "best_step": best_step, "wall": wall, "train_time": train_time,
-                        "world_size": world})
+                    save_last(rngs)
                 D.barrier()
-                last_good = step
+                at.last_good = step
                 if info.is_main and progress:
                     bar.write(recipe.report(row, best_acc, best_step))
+            if (interrupted := stopped()) is not None:
+                raise interrupted
             if step >= last:
                 break
     bar.close()

@@ -1,7 +1,12 @@
 """The training engine (``lra_soft.engine``) on a toy recipe: one step over micro-batches equals one full batch,
 micro-batches are drawn lazily, a diverged step changes nothing, run directories refuse or resume, and a stopped run
-resumed ends bit-identical to an uninterrupted one (with an EMA and gradient accumulation)."""
+resumed ends bit-identical to an uninterrupted one (with an EMA and gradient accumulation); a signal between two
+evaluations writes last.pt there and its resume is bit-identical too; a run directory in use is refused."""
 import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -11,6 +16,8 @@ from torch import nn
 
 from lra_soft.checkpoint import CheckpointError, load_checkpoint
 from lra_soft.engine import Loop, Recipe, RunDir, TrainingDiverged, _steps, fit, train_step
+from lra_soft.interrupt import Interrupted
+from lra_soft.locks import LOCK, Busy
 
 
 def _loss(model, batch):
@@ -178,3 +185,176 @@ def test_a_last_pt_of_the_older_imagenet_loop_is_refused_by_name(tmp_path):
                                       "config": {}})  # the layout before the shared engine
     with pytest.raises(CheckpointError, match="before its shared training engine .* 'schedule' key"):
         fit(Toy(LOOP), run, device="cpu", progress=False, resume=True)
+
+
+# --------------------------------------------------------------------------------------------------- signals
+
+class Signalled(Toy):
+    """Toy that sends itself ``signals`` (real ones, through the OS) during micro-batch ``at``."""
+
+    def __init__(self, loop, at, signals=(signal.SIGINT,)):
+        super().__init__(loop)
+        self.at, self.signals = at, signals
+
+    def loss(self, model, batch):
+        if self.calls + 1 == self.at:
+            for s in self.signals:
+                os.kill(os.getpid(), s)
+        return super().loss(model, batch)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_between_evaluations_writes_last_pt_and_the_resume_is_bit_identical(tmp_path, signum):
+    fit(Toy(LOOP), tmp_path / "straight", device="cpu", progress=False)
+    with pytest.raises(Interrupted, match=rf"^stopped by {signal.Signals(signum).name} after step 3 of 6; .*last\.pt "
+                                          "holds the run at that step$") as info:
+        fit(Signalled(LOOP, at=5, signals=(signum,)), tmp_path / "split", device="cpu", progress=False)  # step 3
+    assert info.value.exit_code == 128 + signum
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    state = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert state["step"] == 3 and [r["step"] for r in state["step_rows"]] == [3]  # evaluations at 2 and 4
+    assert not (tmp_path / "split" / "results.json").exists()
+    fit(Toy(LOOP), tmp_path / "split", device="cpu", progress=False, resume=True)
+    a, b = load_checkpoint(tmp_path / "straight" / "last.pt"), load_checkpoint(tmp_path / "split" / "last.pt")
+    for key in ("model", "ema"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), f"{key}.{name} differs after resume"
+    for name in ("metrics.jsonl", "steps.jsonl", "results.json"):  # the row at step 4 covers steps 3 and 4
+        assert (tmp_path / "split" / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    with pytest.raises(Interrupted, match="stopped at once by a second SIGINT"):
+        fit(Signalled(LOOP, at=5, signals=(signal.SIGINT, signal.SIGINT)), tmp_path / "run", device="cpu",
+            progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------------------------------- run lock
+
+def test_a_run_directory_another_process_trains_into_is_refused(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from filelock import FileLock\n"
+                               "with FileLock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()",
+                               str(run / LOCK)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    try:
+        with pytest.raises(Busy, match=r"^the run directory .*run is in use by another process \(it holds the lock "
+                                       r".*\.lock\); another training writes into it; wait for it to end, or pass "
+                                       r"another --out$"):
+            fit(Toy(LOOP), run, device="cpu", progress=False)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert not (run / "config.json").exists()  # refused before anything was written
+    fit(Toy(LOOP), run, device="cpu", progress=False)  # a killed holder's lock is free
+    assert (run / "results.json").exists()
+
+
+# --------------------------------------------------------------------------------------------------- DDP failures
+
+# Run by two gloo processes under torchrun: each scenario makes one process fail, somewhere, at one step; every
+# process prints what it raised as one JSON line.
+DDP_SCENARIOS = r'''
+import errno, json, os, sys
+from pathlib import Path
+import torch
+import lra_soft.checkpoint
+from lra_soft.distributed import rank
+from lra_soft.engine import fit
+from tests.test_engine import LOOP, Toy
+
+class Failing(Toy):
+    def __init__(self, where):
+        super().__init__(LOOP)
+        self.where = where
+    def micro_batches(self, epoch, start):
+        for i, batch in enumerate(super().micro_batches(epoch, start)):
+            if self.where == "data" and rank() == 1 and epoch == 1 and start + i // 2 == 1:  # step 5's first
+                raise ValueError("line 7 of train.tsv: 3 columns, expected 2")
+            yield batch
+    def loss(self, model, batch):
+        if self.where == "step" and rank() == 1 and self.calls == 7:  # step 4's last micro-batch (DDP's sync)
+            raise RuntimeError("out of memory")
+        if self.where == "nan" and rank() == 1 and self.calls == 6:
+            self.nan_at = 7
+        return super().loss(model, batch)
+    def record(self, step, *args):
+        if self.where == "eval" and rank() == 1 and step == 4:
+            raise RuntimeError("a dev file went missing")
+        return super().record(step, *args)
+
+save, saves = lra_soft.checkpoint.torch.save, []
+def disk_full_on_rank_0(state, f, **kwargs):  # the second last.pt (step 4) finds the disk full
+    if rank() == 0 and ".last.pt." in getattr(f, "name", ""):
+        saves.append(f.name)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    save(state, f, **kwargs)
+
+out = Path(sys.argv[1])
+for where in ("step", "data", "nan", "eval", "disk", "busy"):
+    lra_soft.checkpoint.torch.save = disk_full_on_rank_0 if where == "disk" else save
+    saves.clear()
+    try:
+        fit(Failing(where), out / where, device="cpu", progress=False)
+        seen = {"raised": None}
+    except Exception as e:
+        seen = {"raised": type(e).__name__, "message": str(e)}
+    with open(out / f"rank{rank()}.jsonl", "a") as f:
+        f.write(json.dumps({"where": where, "rank": rank(), **seen}) + "\n")
+'''
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_an_error_on_one_ddp_process_stops_every_process_with_one_message(tmp_path):
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "scenarios.py"
+    script.write_text(DDP_SCENARIOS)
+    busy = tmp_path / "runs" / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from filelock import FileLock\n"
+                               "with FileLock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()",
+                               str(busy / LOCK)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node",
+                               "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script),
+                               str(tmp_path / "runs")], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for r in (0, 1) for line in (tmp_path / "runs" / f"rank{r}.jsonl").open()]
+    seen = {(r["where"], r["rank"]): r for r in lines}
+    assert len(seen) == 12, lines
+    expected = {  # where: (what every process raises, a piece of the one message, the step last.pt holds)
+        "step": ("ProcessFailed", "process 1 of 2 failed: RuntimeError: out of memory; every process stopped "
+                                  "after step 3, and the last good checkpoint is", 2),
+        "data": ("ProcessFailed", "process 1 of 2 failed: ValueError: line 7 of train.tsv: 3 columns, expected 2; "
+                                  "every process stopped after step 4", 4),
+        "nan": ("TrainingDiverged", "at step 4; the run stopped and the last good checkpoint is", 2),
+        "eval": ("ProcessFailed", "process 1 of 2 failed: RuntimeError: a dev file went missing; every process "
+                                  "stopped after step 4", 2),
+        "disk": ("ProcessFailed", "process 0 of 2 failed: DiskFull: ", 2),
+        "busy": ("ProcessFailed", "process 0 of 2 failed: Busy: the run directory", None),
+    }
+    for where, (raised, piece, kept) in expected.items():
+        a, b = seen[(where, 0)], seen[(where, 1)]
+        assert a["raised"] == b["raised"] == raised and a["message"] == b["message"], (a, b)
+        assert piece in a["message"], a["message"]
+        if kept is not None:
+            assert load_checkpoint(tmp_path / "runs" / where / "last.pt")["step"] == kept, where
+            assert not (tmp_path / "runs" / where / "results.json").exists()
+    disk = seen[("disk", 0)]["message"]
+    assert "last.pt: no space left on device while writing it; the previous last.pt (" in disk
+    assert f"is intact; the new one needs about" in disk and f"(step 2): --resume continues from it" in disk
