@@ -37,6 +37,18 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def no_space(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind ``error``, if any (torch.save reports a failed write as a RuntimeError
+    raised while handling it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class DiskFull(OSError):
     """A write found no space left (ENOSPC / EDQUOT); the target was left as it was. ``str()`` is the one line.
 
@@ -80,14 +92,11 @@ def _temporary_beside(path: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)  # first: it holds the space the message counts as free
-        if e.errno in NO_SPACE:
-            raise DiskFull(path, e, written) from e
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if (full := no_space(e)) is not None:
+            raise DiskFull(path, full, written) from e
         raise
 
 
@@ -107,11 +116,15 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -44,7 +44,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from lra_soft import distributed as D
-from lra_soft.atomic import NO_SPACE, DiskFull, atomic_write_text
+from lra_soft.atomic import DiskFull, atomic_write_text, no_space
 from lra_soft.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
                                  save_checkpoint)
 from lra_soft.interrupt import Interrupted, StopRequest
@@ -251,9 +251,9 @@ class RunDir:
                 with open(path, "a", encoding="utf-8") as f:
                     f.writelines(json.dumps(r) + "\n" for r in rows)
             except OSError as e:
-                if e.errno in NO_SPACE:
-                    raise DiskFull(path, e, kept="its earlier lines are intact", need="a line needs little") from e
-                raise
+                if no_space(e) is None:
+                    raise
+                raise DiskFull(path, e, kept="its earlier lines are intact", need="a line needs little") from e
 
     def rows(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
