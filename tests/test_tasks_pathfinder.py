@@ -93,7 +93,8 @@ def test_errors_name_the_image_or_metadata_line(tmp_path, problem, message):
     meta.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=message):
         tasks.prepare("pathfinder", tmp_path, tmp_path / "c", progress=False)
-    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+    # no cache, nothing but the empty lock file of the cache
+    assert not (tmp_path / "c").exists() or [p.name for p in (tmp_path / "c").iterdir()] == [".pathfinder.lock"]
 
 
 def test_empty_split_and_no_metadata(tmp_path):
