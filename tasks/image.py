@@ -94,7 +94,7 @@ def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One ``cifar-10-batches-py`` file -> (rgb (n, 32, 32, 3) uint8, labels (n,) int64)."""
     try:
         batch = RestrictedUnpickler(io.BytesIO(Path(path).read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except Exception as e:  # damaged bytes make the unpickler raise nearly any type, MemoryError included
         raise DataError(f"{path}: not a CIFAR-10 python batch ({e.__class__.__name__}: {e}); the file may be "
                         f"corrupt or hostile, re-download cifar-10-python.tar.gz") from None
     if not isinstance(batch, dict):
@@ -104,9 +104,10 @@ def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * PIXELS:
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (n, 3072), got "
                         f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    if not isinstance(labels, list) or len(labels) != len(data):
-        raise DataError(f"{path}: 'labels' must be a list of {len(data)} ints")
-    return _planes_to_hwc(data), _check_labels(np.asarray(labels, dtype=np.int64), path)
+    if not isinstance(labels, list) or len(labels) != len(data) or any(type(v) is not int for v in labels):
+        raise DataError(f"{path}: 'labels' must be a list of {len(data)} ints, one per image")
+    labels = np.asarray(labels, dtype=object)
+    return _planes_to_hwc(data), _check_labels(labels, path).astype(np.int64)
 
 
 def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +129,7 @@ def _check_labels(labels: np.ndarray, path: Path) -> np.ndarray:
 
 def _batch_files(root: Path, suffix: str) -> list[Path]:
     files = [p for p in root.glob(f"data_batch_*{suffix}") if p.name[len("data_batch_"):len(p.name) - len(suffix)]
-             .isdigit()]
+             .isdigit() and p.is_file()]
     return sorted(files, key=lambda p: int(p.name[len("data_batch_"):len(p.name) - len(suffix)]))
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from lra_soft.atomic import atomic_open
 from lra_soft.config import EncoderConfig, TrainConfig
 from tasks._common import (DataError, SplitWriter, TokenDataset, build_cache, check_options, file_record,
-                           find_layout, load_cache, next_power_of_two, require_nonempty, show_line)
+                           find_layout, load_cache, next_power_of_two, show_line)
 
 NAME = "listops"
 TOKENIZER_VERSION = "listops-1"            # bump when tokenisation or the cache layout changes
@@ -409,8 +409,9 @@ def _tokenize_files(files: dict[str, Path], out: Path, progress: bool, root: Pat
         for _, ids, label in tqdm(read_tsv(path, workers), desc=f"tokenizing {path.name}", unit="line", disable=not progress):
             writer.add(label, ids)
         counts[split] = writer.close()
+        if not counts[split]:
+            raise DataError(f"{path}: no examples (the file is empty or holds the header alone)")
         longest = max(longest, writer.longest)
-    require_nonempty(counts, str(root))
     generated = {split: file_record(p, root) for split, p in files.items()} if root == out else {}
     return {"counts": counts, "vocab": VOCAB, "vocab_size": len(VOCAB), "num_classes": 10,
             "max_len": next_power_of_two(max(max_length - 1, longest)), "max_tokens": max_length - 1,

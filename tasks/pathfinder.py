@@ -69,9 +69,12 @@ def read_metadata(root: Path) -> list[tuple[Path, int, str]]:
     files = _metadata_files(root)
     if not files:
         raise DataError(f"{root / 'metadata'}: no metadata/*.npy files (text lists of images and labels)")
-    entries = []
+    entries, inside = [], root.resolve()
     for meta in files:
-        for number, line in enumerate(meta.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+        text = meta.read_bytes().decode("utf-8", errors="replace")
+        if not text.strip():
+            raise DataError(f"{meta}: empty metadata file (it lists no images); restore it from the release")
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             fields = line.split()
@@ -88,6 +91,8 @@ def read_metadata(root: Path) -> list[tuple[Path, int, str]]:
             path = root / fields[0] / fields[1]
             if not path.is_file():
                 raise DataError(f"{where}: image {path} listed in the metadata does not exist")
+            if not path.resolve().is_relative_to(inside):
+                raise DataError(f"{where}: image {path} lies outside {root}: {show_line(line)}")
             entries.append((path, label, where))
     return entries
 

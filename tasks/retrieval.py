@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lra_soft.config import EncoderConfig, TrainConfig
 from tasks._common import (DataError, SplitWriter, TokenDataset, build_cache, byte_vocab, check_options, file_record,
-                           find_layout, load_cache, next_power_of_two, require_nonempty, show_line)
+                           find_layout, load_cache, next_power_of_two, show_line)
 
 NAME = "retrieval"
 TOKENIZER_VERSION = "bytes-1"
@@ -54,20 +54,24 @@ def read_tsv(path: Path, decode: bool = False):
                                 f"got {len(fields)}: {show_line(line)}")
             try:
                 label = int(float(fields[0]))
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: "inf"
                 raise DataError(f"{path}:{number}: label {fields[0]!r} is not a number: {show_line(line)}") from None
             if label not in (0, 1):
                 raise DataError(f"{path}:{number}: label {label} out of range (0 or 1): {show_line(line)}")
             texts = fields[3:]
             if decode:
                 texts = [_literal_bytes(t, path, number, line) for t in texts]
+            for k, text in enumerate(texts, start=1):
+                if not text:
+                    raise DataError(f"{path}:{number}: text{k} is empty{' once decoded' if decode else ''}: "
+                                    f"{show_line(line)}")
             yield number, label, texts[0], texts[1]
 
 
 def _literal_bytes(text: bytes, path: Path, number: int, line: bytes) -> bytes:
     try:
         value = ast.literal_eval(text.decode("utf-8"))
-    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # TypeError: {[]: 1}
         value = None
     if not isinstance(value, bytes):
         raise DataError(f"{path}:{number}: decode=true needs texts that are Python bytes literals (b'...'), got "
@@ -105,8 +109,9 @@ def prepare(source: Path | None, cache_dir: Path, *, progress: bool = True, **op
                                                unit="pair", disable=not progress):
                 writer.add(label, encode(text1, opts["max_length"]), encode(text2, opts["max_length"]))
             counts[split] = writer.close()
+            if not counts[split]:
+                raise DataError(f"{path}: no examples (the file is empty)")
             longest = max(longest, writer.longest)
-        require_nonempty(counts, str(root))
         return {"counts": counts, "vocab": byte_vocab(), "vocab_size": 257, "num_classes": 2,
                 "max_len": next_power_of_two(opts["max_length"]), "max_tokens": opts["max_length"],
                 "longest": longest, "pair": True}

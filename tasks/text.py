@@ -62,12 +62,17 @@ def _acl_files(root: Path, split: str) -> list[tuple[Path, int]]:
         stem = p.stem.split("_")[0]
         return (int(stem), p.name) if stem.isdigit() else (1 << 62, p.name)
     return [(p, label) for label, name in enumerate(LABELS)
-            for p in sorted((root / split / name).glob("*.txt"), key=key)]
+            for p in sorted((root / split / name).glob("*.txt"), key=key) if p.is_file()]
 
 
 def _read_acl(root: Path, split: str):
+    """(review bytes, label): the file's bytes as stored, whatever their encoding, stripped as tfds does."""
     for path, label in _acl_files(root, split):
-        yield path.read_bytes().strip(), label
+        text = path.read_bytes().strip()
+        if not text:
+            raise DataError(f"{path}: empty review (no bytes but whitespace); restore it from aclImdb_v1.tar.gz or "
+                            f"remove it")
+        yield text, label
 
 
 def _records(source: str | Path) -> tuple[dict[str, Any], Any, list[Path] | None]:
@@ -116,6 +121,9 @@ def _build(out: Path, splits: dict[str, Any], opts: dict[str, Any], progress: bo
         bad = [label for _, label in data[split] if label not in (0, 1)]
         if bad:
             raise DataError(f"{where}: split {split!r} has label(s) {sorted(set(bad))} outside 0 (neg) / 1 (pos)")
+        empty = [i for i, (ids, _) in enumerate(data[split]) if not len(ids)]
+        if empty:
+            raise DataError(f"{where}: split {split!r} has {len(empty)} empty review(s), the first at row {empty[0]}")
     if opts["val"] == "test":
         parts = {"train": data["train"], "val": data["test"], "test": data["test"]}
     else:

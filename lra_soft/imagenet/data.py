@@ -53,6 +53,7 @@ class ImageFolder(Dataset):
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
-        except OSError as e:
-            raise OSError(f"cannot decode image {path} ({e}); remove or replace the file") from e
+        except Exception as e:  # a damaged file makes Pillow's decoders raise nearly any type
+            raise ValueError(f"{path}: cannot decode this image ({e.__class__.__name__}: {e}); remove or replace "
+                             f"the file") from None
         return self.transform(img), label
