@@ -36,8 +36,6 @@ SETTINGS = settings(max_examples=int(os.environ.get("LRA_SOFT_FUZZ_EXAMPLES", 40
                     database=None, derandomize=os.environ.get("LRA_SOFT_FUZZ_RANDOM") != "1",
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-pytestmark = pytest.mark.slow  # a few seconds each: 40 prepares of a fixture
-
 
 # --------------------------------------------------------------------------------------------------- damage
 
@@ -152,6 +150,7 @@ def _prepare_cleanly(name: str, source: Path, damaged: Path, line: bool, **optio
 
 # --------------------------------------------------------------------------------------------------- readers
 
+@pytest.mark.slow  # 40 prepares of a fixture: seconds
 @SETTINGS
 @given(file=st.sampled_from(["basic_train.tsv", "basic_val.tsv", "basic_test.tsv"]), data=st.data())
 def test_listops_tsv(file, data):
@@ -166,6 +165,7 @@ def test_listops_tsv(file, data):
 REVIEWS = sorted(p.relative_to(FIXTURES / "text") for p in (FIXTURES / "text").rglob("*.txt"))
 
 
+@pytest.mark.slow  # 40 prepares of a fixture: seconds
 @SETTINGS
 @given(review=st.sampled_from(REVIEWS), tree=st.sampled_from(["file", "file", "file", "directory named .txt",
                                                               "label folder removed", "split emptied"]),
@@ -193,6 +193,7 @@ def test_aclimdb_tree(review, tree, data):
         event(_prepare_cleanly("text", src, named, line=False))
 
 
+@pytest.mark.slow  # 40 prepares of a fixture: seconds
 @SETTINGS
 @given(file=st.sampled_from(["new_aan_pairs.train.tsv", "new_aan_pairs.eval.tsv", "new_aan_pairs.test.tsv"]),
        decode=st.booleans(), data=st.data())
@@ -208,6 +209,7 @@ def test_aan_tsv(file, decode, data):
 CIFAR = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
 
 
+@pytest.mark.slow  # 40 prepares of a fixture: seconds
 @SETTINGS
 @given(batch=st.sampled_from(CIFAR), data=st.data())
 def test_cifar_python_batches(batch, data):
@@ -225,6 +227,7 @@ def cifar_bin(tmp_path_factory):
     return cifar_binary(tmp_path_factory.mktemp("cifar"))
 
 
+@pytest.mark.slow  # 40 prepares of a fixture: seconds
 @SETTINGS
 @given(batch=st.sampled_from(CIFAR), data=st.data())
 def test_cifar_binary_batches(cifar_bin, batch, data):
@@ -241,6 +244,7 @@ PATHFINDER = sorted(p.relative_to(FIXTURES / "pathfinder") for p in (FIXTURES / 
                     if p.is_file())
 
 
+@pytest.mark.slow  # 40 prepares of a fixture: seconds
 @SETTINGS
 @given(file=st.sampled_from(PATHFINDER), data=st.data())
 def test_pathfinder_metadata_and_pngs(file, data):
@@ -277,6 +281,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # 40 prepares of a fixture: seconds
 @SETTINGS
 @given(image=st.sampled_from([f"{c}/{n}" for c in ("cat", "dog") for n in ("a.png", "b.jpg", "c.png", "d.png")]),
        data=st.data())
@@ -300,3 +305,91 @@ def test_image_folder(image_folder, image, data):
                 continue
             assert x.shape == (3, 16, 16) and bool(x.isfinite().all())
         event(outcome)
+
+
+# --------------------------------------------------------------------------------------------------- holes found
+
+def _damage_aan(tmp_path, field: int, value: bytes) -> Path:
+    src = _copy(FIXTURES / "retrieval", tmp_path / "src")
+    path = src / "tsv_data" / "new_aan_pairs.eval.tsv"
+    lines = path.read_bytes().split(b"\n")
+    fields = lines[2].split(b"\t")
+    fields[field] = value
+    lines[2] = b"\t".join(fields)
+    path.write_bytes(b"\n".join(lines))
+    return path
+
+
+@pytest.mark.parametrize("field, value, decode, message", [
+    (0, b"inf", False, "label b'inf' is not a number"),                     # was an OverflowError
+    (3, b"{[]: 1}", True, "decode=true needs texts that are Python bytes literals"),  # was a TypeError
+    (4, b"", False, "text2 is empty"),                                       # was an empty sequence in the cache
+    (3, b"b''", True, "text1 is empty once decoded"),
+], ids=["inf label", "unhashable literal", "empty text", "empty literal"])
+def test_aan_holes(tmp_path, field, value, decode, message):
+    path = _damage_aan(tmp_path, field, value)
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: {message}")):
+        tasks.prepare("retrieval", path.parent.parent, tmp_path / "cache", progress=False, decode=decode)
+
+
+def test_empty_files_name_the_file(tmp_path):
+    """Was: 'empty split(s) ... read from <folder>' (ListOps, AAN) or an empty review in the cache (aclImdb)."""
+    cases = [("listops", "listops", "basic_val.tsv", "no examples"),
+             ("retrieval", "retrieval", "tsv_data/new_aan_pairs.test.tsv", "no examples"),
+             ("text", "text", "aclImdb/train/pos/3_9.txt", "empty review"),
+             ("pathfinder", "pathfinder", f"{HARD}/metadata/2.npy", "empty metadata file")]
+    for name, fixture, file, message in cases:
+        src = _copy(FIXTURES / fixture, tmp_path / name)
+        (src / file).write_bytes(b" \n" if name == "text" else b"")
+        with pytest.raises(DataError, match=re.escape(f"{src / file}: {message}")):
+            tasks.prepare(name, src, tmp_path / "cache", progress=False)
+        assert not (tmp_path / "cache" / name).exists()
+
+
+def test_folders_named_like_files_are_not_read(tmp_path):
+    """Was an IsADirectoryError: a folder named <id>_<rating>.txt or data_batch_N is not a review or a batch."""
+    text = _copy(FIXTURES / "text", tmp_path / "text")
+    (text / "aclImdb" / "test" / "neg" / "99_1.txt").mkdir()
+    assert read_manifest(tasks.prepare("text", text, tmp_path / "cache", progress=False))["counts"]["test"] == 20
+    image = _copy(FIXTURES / "image", tmp_path / "image")
+    (image / "cifar-10-batches-py" / "data_batch_6").mkdir()
+    assert read_manifest(tasks.prepare("image", image, tmp_path / "cache", progress=False))["counts"]["test"] == 16
+
+
+def test_cifar_pickle_holes(tmp_path):
+    """A memo index of 2**31 made the unpickler raise MemoryError; labels that are not ints passed as floats."""
+    import pickle
+    src = _copy(FIXTURES / "image", tmp_path / "src")
+    batch = src / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(b"\x80\x02K\x01r\xff\xff\xff\x7f.")
+    with pytest.raises(DataError, match=re.escape(f"{batch}: not a CIFAR-10 python batch (MemoryError")):
+        tasks.prepare("image", src, tmp_path / "cache", progress=False)
+    good = pickle.loads((FIXTURES / "image" / "cifar-10-batches-py" / "data_batch_2").read_bytes(), encoding="bytes")
+    good[b"labels"][3] = 2.5
+    batch.write_bytes(pickle.dumps(good, protocol=2))
+    with pytest.raises(DataError, match=re.escape(f"{batch}: 'labels' must be a list of 16 ints")):
+        tasks.prepare("image", src, tmp_path / "cache", progress=False)
+
+
+def test_pathfinder_image_outside_the_dataset_is_refused(tmp_path):
+    src = _copy(FIXTURES / "pathfinder", tmp_path / "src")
+    (tmp_path / "elsewhere.png").write_bytes((src / HARD / "imgs" / "0" / "sample_1.png").read_bytes())
+    meta = src / HARD / "metadata" / "0.npy"
+    lines = meta.read_text().splitlines()
+    lines[1] = "../../.. elsewhere.png 1 1 1.8 14 14 5 1.5 4 1"
+    meta.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{meta}:2: image ") + ".*lies outside"):
+        tasks.prepare("pathfinder", src, tmp_path / "cache", progress=False)
+
+
+def test_image_folder_decoder_failures_are_one_value_error(image_folder, tmp_path):
+    """Was an OSError for some damage and other types (SyntaxError, ...) for the rest."""
+    from lra_soft.imagenet.data import ImageFolder
+    from lra_soft.imagenet.transforms import eval_transform
+    root = _copy(image_folder, tmp_path / "train")
+    (root / "cat" / "a.png").write_bytes(b"")
+    (root / "dog" / "a.png").write_bytes((image_folder / "dog" / "a.png").read_bytes()[:60])
+    folder = ImageFolder(root, eval_transform(16))
+    for path in (root / "cat" / "a.png", root / "dog" / "a.png"):
+        with pytest.raises(ValueError, match=re.escape(f"{path}: cannot decode this image")):
+            folder[[p for p, _ in folder.samples].index(path)]
