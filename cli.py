@@ -65,11 +65,33 @@ def _task_data(task: str, source: Optional[Path], data_dir: Path, data_options: 
     D.barrier()
     if not D.is_main():
         cache = tasks.prepare(task, source, data_dir, progress=False, **data_options)
-    manifest = tasks.manifest(cache)
-    splits = {split: tasks.load(task, cache, split) for split in ("train", "val", "test")}
+    manifest, splits = _open_splits(task, source, data_dir, data_options, cache)
     summary = {k: manifest.get(k) for k in ("task", "counts", "max_len", "options", "tokenizer_version")}
     return TaskData(task, splits["train"], splits["val"], splits["test"], tasks.collate, vocab=list(manifest["vocab"]),
                     source={"cache": str(cache), **summary}), manifest
+
+
+def _open_splits(task: str, source: Optional[Path], data_dir: Path, data_options: dict, cache: Path,
+                 tries: int = 3) -> tuple[dict, dict]:
+    """The manifest and the three splits of one and the same build of the cache, built with our options.
+
+    Another process may rebuild the cache (with other --data-option values, or after finding it corrupt) between our
+    prepare, the manifest read and the opening of the splits. Each split maps its arrays when opened and records the
+    hashes it was checked against, so a second prepare (which rebuilds nothing when the cache matches our options)
+    and a second manifest read tell whether all of them saw the same build; if not, open them again."""
+    import tasks
+
+    for _ in range(tries):
+        manifest = tasks.manifest(cache)
+        splits = {split: tasks.load(task, cache, split) for split in ("train", "val", "test")}
+        tasks.prepare(task, source, data_dir, progress=False, **data_options)  # a no-op unless the cache changed
+        again = tasks.manifest(cache)
+        seen = [getattr(ds, "records", None) for ds in splits.values()]
+        if again == manifest and all(r is None or r == manifest.get("arrays") for r in seen):
+            return manifest, splits
+    raise tasks.DataError(f"{cache}: the cache was rebuilt {tries} times while this job opened it; is another job "
+                          "preparing the same --data-dir with other --data-option values? Give this one its own "
+                          "--data-dir")
 
 
 def _fail(e: Exception) -> NoReturn:

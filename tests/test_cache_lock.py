@@ -146,3 +146,45 @@ def test_cache_lock_without_a_writable_folder_takes_no_lock(tmp_path):
     with pytest.raises(FileNotFoundError, match="no prepared listops cache"):
         tasks.load("listops", tmp_path / "none" / "listops", "train")
     assert not (tmp_path / "none").exists()
+
+
+def test_training_opens_one_build_even_if_the_cache_is_rebuilt_meanwhile(tmp_path, monkeypatch):
+    """Another job rebuilding the cache (other sources or options) between train's prepare and its opening of the
+    splits: train opens the splits again, and all three then come from the build of its own source."""
+    import cli
+
+    ours, theirs = REPO / "data" / "fixtures" / "listops", listops_tsv(tmp_path / "theirs", sizes=(30, 6, 6))
+    data_dir = tmp_path / "cache"
+    cache = tasks.prepare("listops", ours, data_dir, progress=False)
+    expected = read_manifest(cache)["arrays"]
+    real_load, rebuilt = tasks.load, []
+
+    def load(name, path, split):
+        if split == "val" and not rebuilt:  # the other job, half way through our opening of the splits
+            rebuilt.append(tasks.prepare("listops", theirs, data_dir, progress=False))
+        return real_load(name, path, split)
+
+    monkeypatch.setattr(tasks, "load", load)
+    manifest, splits = cli._open_splits("listops", ours, data_dir, {}, cache)
+    assert rebuilt and manifest["arrays"] == expected
+    assert all(ds.records == expected for ds in splits.values())
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [len(real_load("listops", cache, s)) for s in
+                                                                   ("train", "val", "test")]
+
+
+def test_a_cache_rebuilt_on_every_try_is_one_line(tmp_path, monkeypatch):
+    import cli
+
+    ours, theirs = REPO / "data" / "fixtures" / "listops", listops_tsv(tmp_path / "theirs", sizes=(30, 6, 6))
+    data_dir = tmp_path / "cache"
+    cache = tasks.prepare("listops", ours, data_dir, progress=False)
+    real_load = tasks.load
+
+    def load(name, path, split):
+        if split == "val":  # another job, with another source, rebuilds it during each of our tries
+            tasks.prepare("listops", theirs, data_dir, progress=False)
+        return real_load(name, path, split)
+
+    monkeypatch.setattr(tasks, "load", load)
+    with pytest.raises(tasks.DataError, match="rebuilt 3 times while this job opened it.*its own --data-dir"):
+        cli._open_splits("listops", ours, data_dir, {}, cache)
