@@ -26,6 +26,16 @@ class Busy(RuntimeError):
     """Another process holds the lock; the message names what is locked, the lock file and what to do."""
 
 
+class Unlockable(Busy):
+    """The lock file cannot be created or opened (another user's directory or file, a read-only filesystem)."""
+
+
+def _unlockable(path: Path, what: str, e: OSError, hint: str) -> Unlockable:
+    why = e.strerror or type(e).__name__
+    return Unlockable(f"cannot lock {what}: {why} for the lock file {path} (a directory or file of another user, or "
+                      f"a read-only filesystem?)" + (f"; {hint}" if hint else ""))
+
+
 @contextlib.contextmanager
 def hold(path: str | os.PathLike, what: str, wait: bool = False, *, hint: str = "",
          on_wait: Callable[[str], object] | None = None, timeout: float | None = None) -> Iterator[Path]:
@@ -36,12 +46,12 @@ def hold(path: str | os.PathLike, what: str, wait: bool = False, *, hint: str = 
     ``timeout`` (seconds) a wait that long ends in :class:`Busy`. Not re-entrant: a second ``hold`` of the same
     path, even in this process, is another holder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path)
     busy = f"{what} is in use by another process (it holds the lock {path})"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(blocking=False)
-    except Timeout:
+    except Timeout:  # filelock's Timeout is an OSError too: caught first
         if not wait:
             raise Busy(busy + (f"; {hint}" if hint else "")) from None
         if on_wait is not None:
@@ -50,6 +60,8 @@ def hold(path: str | os.PathLike, what: str, wait: bool = False, *, hint: str = 
             lock.acquire(timeout=-1 if timeout is None else timeout)
         except Timeout:
             raise Busy(f"{busy}, still after {timeout:g} s" + (f"; {hint}" if hint else "")) from None
+    except OSError as e:
+        raise _unlockable(path, what, e, hint) from None
     try:
         yield path
     finally:

@@ -57,3 +57,28 @@ def test_waiting_is_told_once_then_goes_on_when_the_holder_ends(tmp_path):
     proc.wait()
     assert told == [f"waiting for another process that holds the cache c (lock {path})"]
     assert waited >= 0.25 and proc.returncode == 0
+
+
+def test_a_lock_that_cannot_be_taken_is_one_line(tmp_path, monkeypatch):
+    """Another user's lock file or a read-only filesystem: Unlockable (a Busy, which the CLI prints as one line),
+    naming the lock file and the reason; and through `prepare`, exit 1 with that line and no cache."""
+    from filelock import FileLock
+    from typer.testing import CliRunner
+
+    from cli import app
+    from lra_soft.locks import Unlockable
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self.lock_file))
+
+    monkeypatch.setattr(FileLock, "acquire", refuse)
+    reason = r"cannot lock the cache x: Permission denied for the lock file .*\.lock \(a .*\); do this"
+    with pytest.raises(Unlockable, match=reason):
+        with hold(tmp_path / ".lock", "the cache x", wait=True, hint="do this"):
+            pass
+    out = CliRunner().invoke(app, ["prepare", "listops", "--source", "data/fixtures/listops", "--data-dir",
+                                   str(tmp_path / "cache")])
+    assert out.exit_code == 1
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot lock the cache ") and "Permission denied" in lines[0]
+    assert not (tmp_path / "cache" / "listops").exists()
