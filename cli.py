@@ -101,8 +101,22 @@ def _fail(e: Exception) -> NoReturn:
             traceback.print_stack()
         else:
             traceback.print_exception(e)
-    typer.echo(f"error: {e}", err=True)
+    typer.echo(f"error: {_one_line(e)}", err=True)
     raise typer.Exit(1)
+
+
+def _one_line(e: Exception) -> str:
+    """The message of `e`; for an error re-raised from a DataLoader worker (torch puts "Caught X in DataLoader worker
+    process N" and the worker's whole traceback into the message) the worker's own last line, and which worker."""
+    text = str(e)
+    head, sep, trace = text.partition("\nOriginal Traceback (most recent call last):\n")
+    if not sep:
+        return text
+    last = [line for line in trace.splitlines() if line.strip()][-1]
+    name = type(e).__name__
+    last = last[len(name) + 2:] if last.startswith(name + ": ") else last
+    where = head.strip().removeprefix(f"Caught {name} in ").rstrip(".")
+    return f"{last} (in {where})"
 
 
 RUN_ERRORS = (Busy, DiskFull, ProcessFailed)  # a run refused or stopped: its message says what is kept

@@ -119,3 +119,21 @@ def test_torchrun_two_processes(image_folder, tmp_path):
     state = load_checkpoint(out / "last.pt")
     assert state["step"] == 2 and state["epoch"] == 2 and len(state["rng"]) == 2  # one RNG state per process
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow  # a DataLoader worker process
+def test_a_bad_image_read_in_a_worker_is_one_line(image_folder, tmp_path):
+    """torch re-raises a worker's error with the worker's whole traceback in its message; the CLI prints one line:
+    the worker's own message (naming the image) and which worker."""
+    import shutil
+
+    root = tmp_path / "folder"
+    shutil.copytree(image_folder, root)
+    for image in (root / "train").rglob("*.*"):
+        image.write_bytes(b"not an image")
+    args = [a if a != "0" or SMOKE[i - 1] != "--workers" else "1" for i, a in enumerate(SMOKE)]
+    result = runner.invoke(app, ["imagenet", "train", "--data", str(root), "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "(in DataLoader worker process 0)" in lines[0], lines
+    assert str(root / "train") in lines[0] and "Traceback" not in result.output
