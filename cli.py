@@ -9,6 +9,8 @@ prints it first).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import traceback
 from collections.abc import Callable
@@ -67,6 +69,8 @@ def _task_data(task: str, source: Optional[Path], data_dir: Path, data_options: 
         cache = tasks.prepare(task, source, data_dir, progress=False, **data_options)
     manifest, splits = _open_splits(task, source, data_dir, data_options, cache)
     summary = {k: manifest.get(k) for k in ("task", "counts", "max_len", "options", "tokenizer_version")}
+    if manifest.get("arrays"):  # the build's fingerprint: a resume refuses a cache rebuilt since the run began
+        summary["arrays_sha256"] = hashlib.sha256(json.dumps(manifest["arrays"], sort_keys=True).encode()).hexdigest()
     return TaskData(task, splits["train"], splits["val"], splits["test"], tasks.collate, vocab=list(manifest["vocab"]),
                     source={"cache": str(cache), **summary}), manifest
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from lra_soft import distributed as D
 from lra_soft import engine
+from lra_soft.checkpoint import CheckpointError
 from lra_soft.config import EncoderConfig, TrainConfig
 from lra_soft.curves import plot_learning_curve
 from lra_soft.encoder import build_model
@@ -291,7 +292,19 @@ class LRARecipe(Recipe):
         return {**self.config(), "vocab": self.data.vocab, "data": self.data.source}
 
     def state(self) -> dict[str, Any]:
-        return {"vocab": self.data.vocab, "tokens": self.tokens}
+        return {"vocab": self.data.vocab, "tokens": self.tokens, "data_sha256": self.data.source.get("arrays_sha256")}
+
+    def check_resume(self, state: dict[str, Any], path: Path) -> None:
+        """Also refuse to continue on other data: a cache rebuilt since the run began (other options or sources, or
+        after damage) has other arrays. Checkpoints written before the fingerprint was recorded are not checked."""
+        super().check_resume(state, path)
+        then, now = state.get("data_sha256"), self.data.source.get("arrays_sha256")
+        if then is not None and now is not None and then != now:
+            cache = self.data.source.get("cache")
+            raise CheckpointError(f"{path} was trained on another build of the data than {cache} holds now"
+                                  " (its arrays differ: the cache was rebuilt since the run began); resume "
+                                  "with the --data-dir and --data-option values of the run's config.json, or start "
+                                  "a new run")
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.tokens = state["tokens"]

@@ -133,3 +133,21 @@ def test_tasks_and_attentions_list():
     assert out.exit_code == 0 and [line.split()[0] for line in out.output.splitlines()] == list(TASKS)
     out = runner.invoke(app, ["attentions"])
     assert out.exit_code == 0 and "soft" in out.output.split()
+
+
+def test_resume_refuses_a_cache_rebuilt_since_the_run_began(tmp_path):
+    """The run's last.pt records its data build; after the cache is rebuilt from another source, --resume stops with
+    one line instead of continuing on other examples."""
+    from tasks.fixtures import listops_tsv
+
+    data_dir, other = tmp_path / "cache", listops_tsv(tmp_path / "other", sizes=(30, 6, 6))
+    assert _train("listops", "softmax", tmp_path / "run", data_dir).exit_code == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["data_sha256"]
+    args = ["train", "listops", "--attn", "softmax", "--source", str(other), "--data-dir", str(data_dir), "--out",
+            str(tmp_path / "run"), "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--device", "cpu",
+            "--no-progress", "--protocol", "clean", "--resume"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 1
+    errors = [line for line in out.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "trained on another build of the data" in errors[0], out.output
+    assert "Traceback" not in out.output
