@@ -98,6 +98,11 @@ def _open_splits(task: str, source: Optional[Path], data_dir: Path, data_options
                           "--data-dir")
 
 
+def _size(n: int) -> str:
+    """Bytes as du -h counts them (binary units)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def _fail(e: Exception) -> NoReturn:
     """A user's mistake: one line on stderr, exit code 1; LRA_SOFT_DEBUG=1 prints the traceback first."""
     if os.environ.get("LRA_SOFT_DEBUG") == "1":
@@ -300,6 +305,7 @@ def prepare(
 ) -> None:
     """Read one task's raw data, tokenize it and cache arrays + manifest.json (reused while source and options match)."""
     import tasks
+    from tasks._common import disk_bytes
 
     _check_source(task, source)
     try:
@@ -311,6 +317,9 @@ def prepare(
         _stopped(e)
     m = tasks.manifest(cache)
     typer.echo(f"{task}: {cache} counts {m['counts']} vocab_size {m['vocab_size']} max_len {m['max_len']}")
+    size, raw = disk_bytes(cache), disk_bytes(cache / "raw") if (cache / "raw").is_dir() else 0
+    typer.echo(f"on disk: {_size(size)}" + (f", of which {_size(raw)} are the raw files in {cache / 'raw'}, which "
+                                           "the prepared cache no longer needs" if raw else ""))
     if m.get("skipped_empty"):
         typer.echo(f"skipped {m['skipped_empty']} empty image(s), listed in {cache / 'manifest.json'}")
 

@@ -132,6 +132,11 @@ def tree_record(files: Iterable[Path], root: Path, name: str, progress: bool = F
 
 # --------------------------------------------------------------------------------------------------- atomic writes
 
+def disk_bytes(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (what a cache takes on disk, as the user sees it)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` through ``lra_soft.atomic.atomic_open``, the one atomic writer (whole caches: ``build_cache``)."""
     with atomic_open(path) as f:

@@ -151,3 +151,16 @@ def test_resume_refuses_a_cache_rebuilt_since_the_run_began(tmp_path):
     errors = [line for line in out.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "trained on another build of the data" in errors[0], out.output
     assert "Traceback" not in out.output
+
+
+def test_prepare_says_what_the_cache_takes_on_disk(tmp_path):
+    from tasks._common import disk_bytes
+
+    out = runner.invoke(app, ["prepare", "listops", "--data-option", "num_train=40", "--data-option", "min_length=10",
+                              "--data-option", "max_length=60", "--data-dir", str(tmp_path), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    size, raw = disk_bytes(tmp_path / "listops"), disk_bytes(tmp_path / "listops" / "raw")
+    assert 0 < raw < size
+    line = out.output.splitlines()[-1]
+    assert line == (f"on disk: {size / 1024:.0f} KiB, of which {raw / 1024:.0f} KiB are the raw files in "
+                    f"{tmp_path / 'listops' / 'raw'}, which the prepared cache no longer needs"), line
