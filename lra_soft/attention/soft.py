@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lra_soft import allocator
 from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
 from lra_soft.attention.soft_fused import soft_product
 from lra_soft.attention.soft_reference import (INVERSE, NEWTON_GRAD, NEWTON_INIT, SAMPLING, SoftOptions,
@@ -44,7 +45,13 @@ def soft_attention(q: Tensor, v: Tensor, mask: Tensor | None = None, *, landmark
 
     Newton with the analytic gradient and the Cholesky solve run the fused product (`soft_fused`); "pinv" and
     newton_grad="unrolled" run the reference's plain autograd (`soft_attention_reference`).
+
+    The first call on CPU tensors tunes glibc malloc to keep freed large blocks (`lra_soft.allocator`: without it,
+    every m x m and n x m block is page-faulted afresh at each call); LRA_SOFT_MALLOC_TUNING=0 or
+    `allocator.set_lazy_tuning(False)` before that call opts out.
     """
+    if not torch.compiler.is_compiling():
+        allocator.tune_on_first_cpu_use(q.device.type)
     opts = SoftOptions(**options)
     fused = opts.inverse in ("newton", "solve") and opts.newton_grad == "analytic"
     product = soft_product if fused else soft_product_reference
