@@ -1,6 +1,7 @@
 """The fused CPU product of SOFT (`soft_fused`) against the plain-autograd reference (`soft_reference`): outputs and
 gradients in float64 with padding masks and empty landmarks, then what the fusion itself must not change: the token
-blocking, the head-split memory layout, the inference product form, NaN in padding, torch.compile."""
+blocking, the head-split memory layout, the inference product form, NaN in padding, torch.compile, what is kept for
+backward."""
 import pytest
 import torch
 
@@ -102,7 +103,8 @@ def test_inference_product_form_equals_algorithm_2(dtype, tol):
 
 @pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6)])
 def test_blocked_kernel_equals_one_block(options, monkeypatch):
-    """The CPU blocking over tokens (cache-sized blocks of P) changes nothing: outputs and gradients."""
+    """The CPU blocking over tokens (cache-sized blocks of P, halves of them in backward) changes nothing: outputs
+    and gradients."""
     q = torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.arange(50) < torch.tensor([[50], [31]])
@@ -154,3 +156,22 @@ def test_nan_in_padding_does_not_leak(options):
         for a, b in zip(results[0], other):
             assert torch.isfinite(b).all()
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(inverse="solve")], ids=["newton", "solve"])
+def test_only_p_is_kept_besides_q_and_v(options, monkeypatch):
+    """What the product saves for backward: q and v themselves (the caller's tensors, not copies), the blocks of P
+    (m x n in all) and m x m / m x d matrices, nothing else of the tokens' size."""
+    monkeypatch.setattr(soft_fused, "CHUNK_ELEMENTS", 1 << 10)  # several blocks
+    b, h, n, d, m = 2, 2, 300, 8, 16
+    landmarks = torch.randn(b, h, m, d, requires_grad=True)
+    q, v = torch.randn(b, h, n, d, requires_grad=True), torch.randn(b, h, n, d, requires_grad=True)
+    mask = torch.arange(n) < torch.tensor([[n], [200]])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        soft_product(landmarks, q, v, mask, torch.ones(b, m, dtype=torch.bool), d ** -0.25, SoftOptions(**options))
+    aliases = [t for t in saved if t.untyped_storage().data_ptr() in (q.untyped_storage().data_ptr(),
+                                                                        v.untyped_storage().data_ptr())]
+    assert len(aliases) == 2
+    others = sum(t.numel() for t in saved if not any(t is a for a in aliases))
+    assert others <= b * h * m * n + b * n + 4 * b * h * m * (m + 2 * d)  # P, mask, A, Y, Z / L, landmarks
