@@ -1,13 +1,13 @@
 """Keep freed large CPU blocks in the process instead of returning them to the OS (glibc `mallopt`).
 
-glibc serves every allocation above its mmap threshold (adjusted at run time, but never above 32 MiB on 64-bit
-systems) with a fresh `mmap` and unmaps it on free, and it gives the top of its heap back to the OS once more than
-twice that threshold is free there. So each such tensor is page-faulted and zeroed by the kernel again every time it
-is allocated. Long sequences cross that line: at n = 16384 (batch 8, 2 heads, head dim 32) every (b, h, n, d) float32
-tensor is 32 MiB, and the page faults made SOFT (m = 64) 5.5x slower than at n = 4096 instead of 4x (175 ms against
-32 ms a forward+backward; 114 ms with the tuning below; `docs/bench`). In the paper's LRA setting at n = 4096
-(m = 1024, inverse="solve") one forward+backward page-faults 588 MiB without it and nothing with it
-(docs/benchmarks.md). Allocating and filling a fresh 32 MiB tensor took 7.8 ms untuned and 1.8 ms tuned on the
+glibc serves every allocation above its mmap threshold (adjusted at run time, but never above 32 MiB on 64-bit systems)
+with a fresh `mmap` and unmaps it on free, and it gives the top of its heap back to the OS once more than twice that
+threshold is free there. So each such tensor is page-faulted and zeroed by the kernel again every time it is allocated.
+Long sequences cross that line: at n = 16384 (batch 8, 2 heads, head dim 32) every (b, h, n, d) float32 tensor is
+32 MiB, and the page faults made SOFT (m = 64) 5.5x slower than at n = 4096 instead of 4x (175 ms against 32 ms
+a forward+backward; 114 ms with the tuning below; `docs/bench`). In the paper's LRA setting at n = 4096 (m = 1024,
+inverse="solve") one forward+backward page-faulted 415-472 MiB without it and nothing with it (`scripts/bench_plain.py`,
+docs/benchmarks.md). Allocating and filling a fresh 32 MiB tensor took 7.8 ms untuned and 1.8 ms tuned on the
 development machine.
 
 `keep_freed_memory` raises the mmap threshold (so large blocks come from the heap and are reused) and the trim

@@ -13,6 +13,9 @@ line run before the timing:
 - plain: nothing but the import and the calls (whatever the library does on its own);
 - off: `LRA_SOFT_MALLOC_TUNING=0`, the opt-out of the lazy allocator tuning;
 - tuned: `lra_soft.allocator.keep_freed_memory()` called first, as the CLI does.
+
+Also reported: the minor page faults of a SOFT call (fresh pages the kernel zeroed), and the process's resident
+memory after the timing, before and after `lra_soft.allocator.release_freed_memory()`.
 """
 from __future__ import annotations
 
@@ -73,11 +76,19 @@ for _ in range(cfg["repeats"]):
 from lra_soft import allocator  # already imported by the library; read only now, after the calls
 median = {k: sorted(t)[len(t) // 2] for k, t in times.items()}
 page = resource.getpagesize() / 2**20
-with open("/proc/self/statm") as f:
-    rss_mib = int(f.read().split()[1]) * page  # what the process holds once every call's tensors are freed
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+
+
+rss = rss_mib()  # what the process holds once every call's tensors are freed
+allocator.release_freed_memory()
 print(json.dumps({"sdpa_ms": 1e3 * median["sdpa"], "soft_ms": 1e3 * median["soft"],
                   "ratio": median["soft"] / median["sdpa"], "malloc_tuned": allocator.tuned,
-                  "soft_fault_mib": faults["soft"] * page / cfg["repeats"], "rss_mib": rss_mib}))
+                  "soft_fault_mib": faults["soft"] * page / cfg["repeats"], "rss_mib": rss,
+                  "rss_released_mib": rss_mib()}))
 """
 
 SETTINGS = {
@@ -90,9 +101,11 @@ SETTINGS = {
 def run_child(setting: str, cfg: dict) -> dict:
     env_extra, prelude = SETTINGS[setting]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **env_extra}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps({**cfg, "prelude": prelude})], env=env, cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps({**cfg, "prelude": prelude})], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"the {setting!r} process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def main() -> None:
@@ -129,15 +142,16 @@ def main() -> None:
           f"b={args.batch} h={args.heads} n={args.n} d={args.head_dim}, "
           f"{args.threads or 'default'} torch threads")
     print("| setting | processes | SDPA ms | SOFT ms | SOFT / SDPA (median) | min-max | malloc_tuned | "
-          "SOFT page faults MiB/call | RSS MiB after |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "SOFT page faults MiB/call | RSS MiB after | RSS MiB after release_freed_memory() |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s, rows in results.items():
         ratios = [r["ratio"] for r in rows]
         print(f"| {s} | {len(rows)} | {statistics.median(r['sdpa_ms'] for r in rows):.1f} | "
               f"{statistics.median(r['soft_ms'] for r in rows):.1f} | {statistics.median(ratios):.2f} | "
               f"{min(ratios):.2f}-{max(ratios):.2f} | {sorted({r['malloc_tuned'] for r in rows})} | "
               f"{statistics.median(r['soft_fault_mib'] for r in rows):.0f} | "
-              f"{statistics.median(r['rss_mib'] for r in rows):.0f} |")
+              f"{statistics.median(r['rss_mib'] for r in rows):.0f} | "
+              f"{statistics.median(r['rss_released_mib'] for r in rows):.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"config": cfg, "results": results}, indent=1))
 
