@@ -48,10 +48,12 @@ def _setup(
                                                      "long sequences on CPU; the peak heap stays allocated.")] = True,
 ) -> None:
     raise_on_sigterm()  # SIGTERM unwinds like Ctrl-C: every clean-up runs (temporary files, a cache being built)
-    if malloc_tuning:
-        from lra_soft.allocator import keep_freed_memory
+    from lra_soft import allocator
 
-        keep_freed_memory()
+    if malloc_tuning:
+        allocator.keep_freed_memory()
+    else:  # untuned means untuned: soft_attention's own first-use tuning is off too
+        allocator.set_lazy_tuning(False)
 
 
 def _task_data(task: str, source: Optional[Path], data_dir: Path, data_options: dict, progress: bool):

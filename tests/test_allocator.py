@@ -121,3 +121,18 @@ def test_keep_freed_memory_is_a_no_op_off_glibc(monkeypatch):
     monkeypatch.setattr(allocator.sys, "platform", "darwin")
     assert allocator.keep_freed_memory() is False
     assert allocator.release_freed_memory() is False
+
+
+def test_the_cli_flag_turns_both_tunings_off(fresh_allocator):
+    """`--no-malloc-tuning` means untuned: the CLI does not tune at start, and soft_attention's first CPU call does
+    not either; the default tunes at start."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    allocator, calls = fresh_allocator
+    assert CliRunner().invoke(app, ["--no-malloc-tuning", "attentions"]).exit_code == 0
+    allocator.tune_on_first_cpu_use("cpu")
+    assert calls == [] and allocator._lazy is False
+    assert CliRunner().invoke(app, ["attentions"]).exit_code == 0
+    assert calls == [1]
