@@ -1,7 +1,8 @@
 """The fused CPU product of SOFT (`soft_fused`) against the plain-autograd reference (`soft_reference`): outputs and
 gradients in float64 with padding masks and empty landmarks, then what the fusion itself must not change: the token
 blocking, the head-split memory layout, the inference product form, NaN in padding, torch.compile, what is kept for
-backward."""
+backward. The spectral form of Newton (m >= 256 on CPU) has its own file, tests/test_soft_newton.py; the cases marked
+"spectral" here run it at small m."""
 import pytest
 import torch
 
@@ -101,10 +102,16 @@ def test_inference_product_form_equals_algorithm_2(dtype, tol):
     assert ((fast - algorithm_2).abs().max() / algorithm_2.abs().max()).item() < tol
 
 
-@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6)])
-def test_blocked_kernel_equals_one_block(options, monkeypatch):
+PATHS = [(dict(), False), (dict(), True), (dict(inverse="solve"), False), (dict(num_landmarks=6), False),
+         (dict(num_landmarks=6), True)]
+PATH_IDS = ["newton", "newton-spectral", "solve", "num_landmarks", "num_landmarks-spectral"]
+
+
+@pytest.mark.parametrize("options, spectral", PATHS, ids=PATH_IDS)
+def test_blocked_kernel_equals_one_block(options, spectral, monkeypatch):
     """The CPU blocking over tokens (cache-sized blocks of P, halves of them in backward) changes nothing: outputs
     and gradients."""
+    monkeypatch.setattr(soft_fused, "SPECTRAL_MIN_LANDMARKS", 1 if spectral else 10**9)
     q = torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, 50, 8, dtype=torch.float64, requires_grad=True)
     mask = torch.arange(50) < torch.tensor([[50], [31]])
@@ -120,10 +127,11 @@ def test_blocked_kernel_equals_one_block(options, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6)])
-def test_head_split_layout_is_kept_and_changes_nothing(options):
+@pytest.mark.parametrize("options, spectral", PATHS, ids=PATH_IDS)
+def test_head_split_layout_is_kept_and_changes_nothing(options, spectral, monkeypatch):
     """q, v as head-split views of (b, n, h, d) memory give the same outputs and gradients as contiguous copies, and
     the output and gradients keep that memory layout (so merging the heads back costs no copy)."""
+    monkeypatch.setattr(soft_fused, "SPECTRAL_MIN_LANDMARKS", 1 if spectral else 10**9)
     x = torch.randn(2, 40, 2, 8, dtype=torch.float64)  # (b, n, h, d)
     mask = torch.arange(40) < torch.tensor([[40], [23]])
     g = torch.randn(2, 2, 40, 8, dtype=torch.float64)
@@ -140,9 +148,11 @@ def test_head_split_layout_is_kept_and_changes_nothing(options):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(num_landmarks=6), dict(sampling="first")])
-def test_nan_in_padding_does_not_leak(options):
+@pytest.mark.parametrize("options, spectral", PATHS + [(dict(sampling="first"), False)],
+                         ids=PATH_IDS + ["first"])
+def test_nan_in_padding_does_not_leak(options, spectral, monkeypatch):
     """Whatever padded rows hold (here NaN and inf) changes nothing at valid positions, in outputs or gradients."""
+    monkeypatch.setattr(soft_fused, "SPECTRAL_MIN_LANDMARKS", 1 if spectral else 10**9)
     mask = torch.arange(40) < torch.tensor([[40], [23]])
     q0, v0 = torch.randn(2, 2, 40, 8, dtype=torch.float64), torch.randn(2, 2, 40, 8, dtype=torch.float64)
     g = torch.randn(2, 2, 40, 8, dtype=torch.float64)
@@ -158,10 +168,12 @@ def test_nan_in_padding_does_not_leak(options):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(inverse="solve")], ids=["newton", "solve"])
-def test_only_p_is_kept_besides_q_and_v(options, monkeypatch):
+@pytest.mark.parametrize("options, spectral", [(dict(), False), (dict(), True), (dict(inverse="solve"), False)],
+                         ids=["newton", "newton-spectral", "solve"])
+def test_only_p_is_kept_besides_q_and_v(options, spectral, monkeypatch):
     """What the product saves for backward: q and v themselves (the caller's tensors, not copies), the blocks of P
     (m x n in all) and m x m / m x d matrices, nothing else of the tokens' size."""
+    monkeypatch.setattr(soft_fused, "SPECTRAL_MIN_LANDMARKS", 1 if spectral else 10**9)
     monkeypatch.setattr(soft_fused, "CHUNK_ELEMENTS", 1 << 10)  # several blocks
     b, h, n, d, m = 2, 2, 300, 8, 16
     landmarks = torch.randn(b, h, m, d, requires_grad=True)
@@ -174,4 +186,4 @@ def test_only_p_is_kept_besides_q_and_v(options, monkeypatch):
                                                                         v.untyped_storage().data_ptr())]
     assert len(aliases) == 2
     others = sum(t.numel() for t in saved if not any(t is a for a in aliases))
-    assert others <= b * h * m * n + b * n + 4 * b * h * m * (m + 2 * d)  # P, mask, A, Y, Z / L, landmarks
+    assert others <= b * h * m * n + b * n + 4 * b * h * m * (m + 2 * d)  # P, mask, A, Y, V / Z / L, p, landmarks

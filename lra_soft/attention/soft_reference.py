@@ -156,6 +156,33 @@ def _eye_like(A: Tensor) -> Tensor:
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
 
+def _paper_candidates(A: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha0 = 2 (1 - 2^-10) / ||A||_1^2 (..., 1, 1) and the factors beta^i, i = 0..10, of Section 3.2's search."""
+    norm1 = A.abs().sum(-2).amax(-1)[..., None, None]  # (..., 1, 1) max column abs-sum
+    # lambda_max <= ||A||_1 with equality for constant row sums (every 2 x 2 kernel matrix, identical landmarks);
+    # there alpha = 2 / ||A||_1^2 puts alpha lambda_max^2 exactly at 2, where the iteration stalls or diverges. The
+    # factor 1 - 2^-10 keeps it strictly inside the region of convergence and changes nothing else.
+    alpha0 = 2.0 * (1 - 2.0 ** -10) / norm1.clamp_min(torch.finfo(A.dtype).tiny) ** 2
+    return alpha0, 0.5 ** torch.arange(11, dtype=A.dtype, device=A.device)  # (11,)
+
+
+def _paper_alpha(A: Tensor, diag: Tensor, colsum: Tensor) -> Tensor:
+    """The "paper" alpha of a nonnegative A from the diagonal and the column sums (..., m) of A A: as A A >= 0
+    entrywise, column j of |I - a A A| sums to |1 - a c_jj| + a (colsum_j - c_jj), O(m) per candidate."""
+    alpha0, betas = _paper_candidates(A)
+    a = alpha0[..., 0] * betas  # (..., 11)
+    resid = ((1 - a[..., :, None] * diag[..., None, :]).abs()
+             + a[..., :, None] * (colsum - diag)[..., None, :]).amax(-1)  # (..., 11)
+    return _first_good(alpha0, betas, resid)
+
+
+def _first_good(alpha0: Tensor, betas: Tensor, resid: Tensor) -> Tensor:
+    """alpha0 beta^i for the smallest i with ||I - alpha A A||_1 = resid[..., i] <= 1.01 (i = 10 if none is)."""
+    ok = resid <= 1.01
+    first = torch.where(ok.any(-1), ok.int().argmax(-1), torch.full_like(ok[..., 0], 10, dtype=torch.long))
+    return alpha0 * betas[first][..., None, None]
+
+
 def newton_alpha(A: Tensor, init: str = "paper", nonnegative: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """The initial scale alpha (..., 1, 1) of A_0 = alpha A, per matrix, and A @ A when it was computed on the way.
 
@@ -175,25 +202,26 @@ def newton_alpha(A: Tensor, init: str = "paper", nonnegative: bool | None = None
             u = u / u.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
         lam = (u * (A @ u)).sum(-2, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)  # Rayleigh quotient
         return 1.0 / (1.1 * lam) ** 2, None
-    norm1 = A.abs().sum(-2).amax(-1)[..., None, None]  # (..., 1, 1) max column abs-sum
     A2 = A @ A
-    # lambda_max <= ||A||_1 with equality for constant row sums (every 2 x 2 kernel matrix, identical landmarks);
-    # there alpha = 2 / ||A||_1^2 puts alpha lambda_max^2 exactly at 2, where the iteration stalls or diverges. The
-    # factor 1 - 2^-10 keeps it strictly inside the region of convergence and changes nothing else.
-    alpha0 = 2.0 * (1 - 2.0 ** -10) / norm1.clamp_min(torch.finfo(A.dtype).tiny) ** 2
-    betas = 0.5 ** torch.arange(11, dtype=A.dtype, device=A.device)  # (11,)
     if nonnegative if nonnegative is not None else bool((A >= 0).all()):
-        # A A >= 0 entrywise, so column j of |I - a A A| sums to |1 - a c_jj| + a (colsum_j - c_jj): O(m) per candidate.
-        diag, colsum = A2.diagonal(dim1=-2, dim2=-1), A2.sum(-2)  # (..., m)
-        a = alpha0[..., 0] * betas  # (..., 11)
-        resid = ((1 - a[..., :, None] * diag[..., None, :]).abs()
-                 + a[..., :, None] * (colsum - diag)[..., None, :]).amax(-1)  # (..., 11)
-    else:
-        eye = _eye_like(A)
-        resid = torch.stack([(eye - alpha0 * b * A2).abs().sum(-2).amax(-1) for b in betas], dim=-1)
-    ok = resid <= 1.01
-    first = torch.where(ok.any(-1), ok.int().argmax(-1), torch.full_like(ok[..., 0], 10, dtype=torch.long))
-    return alpha0 * betas[first][..., None, None], A2
+        return _paper_alpha(A, A2.diagonal(dim1=-2, dim2=-1), A2.sum(-2)), A2
+    alpha0, betas = _paper_candidates(A)
+    eye = _eye_like(A)
+    resid = torch.stack([(eye - alpha0 * b * A2).abs().sum(-2).amax(-1) for b in betas], dim=-1)
+    return _first_good(alpha0, betas, resid), A2
+
+
+def newton_alpha_symmetric(A: Tensor, init: str = "paper") -> Tensor:
+    """`newton_alpha` of a symmetric A (..., m, m) with nonnegative entries (a kernel matrix) without forming A A.
+
+    By symmetry, diag(A A)_j = sum_i A_ij^2 and the column sums of A A are A (A 1), which is all the "paper" search
+    reads: O(m^2) instead of an m x m product. Equal to `newton_alpha(A, init, nonnegative=True)[0]` up to the
+    rounding of those sums."""
+    if init != "paper":
+        return newton_alpha(A, init, nonnegative=True)[0]
+    diag = (A * A).sum(-2)  # (..., m)
+    colsum = (A @ A.sum(-1, keepdim=True))[..., 0]  # (..., m): A (A 1)
+    return _paper_alpha(A, diag, colsum)
 
 
 def _newton_iterate(A: Tensor, iters: int, init: str, nonnegative: bool | None = None) -> Tensor:

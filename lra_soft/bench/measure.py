@@ -9,13 +9,16 @@ Every figure here is measured, never estimated:
   running sum peaks at the figure reported. Both count bytes allocated *during* the call above what was allocated
   before it (inputs, parameters and optimizer state that exist beforehand are not counted);
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and the attention kernels it knows; elementwise
-  work such as ``exp`` is not counted, which is the convention of the paper's FLOP figures too);
+  work such as ``exp`` is not counted, which is the convention of the paper's FLOP figures too), plus the symmetric
+  eigendecomposition that SOFT's CPU Newton path uses for large m, which the counter does not know;
 - floors: this machine's float32 matrix-product rate, and the time of the 2 x ``iters`` batched m x m products of the
   Newton-Raphson iteration A_{k+1} = 2 A_k - A_k A A_k (paper Algorithm 2) alone, which no SOFT implementation that
-  runs that iteration can beat.
+  runs that iteration can beat (the CPU path for m >= 256 gets the same A_T from an eigendecomposition instead, so
+  there the floor is the cost of the iteration it avoids, not a bound).
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -126,16 +129,31 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     raise ValueError(f"peak memory is measured on cpu and cuda only, not {device.type!r}")
 
 
-def _cpu_sdpa_flop_formulas() -> dict:
+def eigh_flops(shape: tuple[int, ...], vectors: bool = True) -> int:
+    """FLOPs of a symmetric eigendecomposition of matrices ``shape`` = (..., m, m) as LAPACK's divide-and-conquer
+    solver (?syevd, torch.linalg.eigh's CPU path) performs it: 4/3 m^3 to reduce to tridiagonal form; with
+    eigenvectors, 4/3 m^3 for the divide and conquer on the tridiagonal matrix and 2 m^3 to transform its eigenvectors
+    back. The middle term is its count without deflation, which only lowers it, so this is an upper bound."""
+    m, batch = shape[-1], math.prod(shape[:-2])
+    return batch * ((14 if vectors else 4) * m**3 // 3)
+
+
+def _flop_formulas() -> dict:
     # torch's flop counter knows the CUDA flash/efficient SDPA kernels but not the CPU flash kernel that
-    # F.scaled_dot_product_attention dispatches to on CPU; count it with torch's own SDPA formulas.
+    # F.scaled_dot_product_attention dispatches to on CPU; count it with torch's own SDPA formulas. It knows no
+    # eigendecomposition either.
     from torch.utils import flop_counter as fc
 
     aten = torch.ops.aten
+
+    def eigh(a_shape, uplo="L", compute_v=True, *args, out_shape=None, **kwargs) -> int:
+        return eigh_flops(a_shape, compute_v)
+
+    formulas = {aten._linalg_eigh: eigh}
     fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if fwd is None or bwd is None or not hasattr(fc, "sdpa_flop_count"):
-        return {}
+        return formulas
 
     def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
@@ -143,17 +161,18 @@ def _cpu_sdpa_flop_formulas() -> dict:
     def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
-    return {fwd: forward, bwd: backward}
+    return {**formulas, fwd: forward, bwd: backward}
 
 
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of one call of ``fn()`` as counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
-    Matrix products, convolutions and SDPA kernels (the CPU flash kernel included) are counted; elementwise work is not.
+    Matrix products, convolutions, SDPA kernels (the CPU flash kernel included) and symmetric eigendecompositions
+    (`eigh_flops`) are counted; elementwise work is not.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flop_formulas()) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_flop_formulas()) as counter:
         fn()
     return counter.get_total_flops()
 
