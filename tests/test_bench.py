@@ -194,13 +194,18 @@ def test_targets_summary_reads_the_result_files(tmp_path):
         row("softmax", 4096, 10.0), row("soft:inverse=solve", 4096, 9.0, fwdbwd_x_softmax=0.9),
         row("soft", 4096, 40.0, fwdbwd_x_softmax=4.0, fwdbwd_x_newton_floor=1.5)]}))
     (tmp_path / "fixed-m64.json").write_text(json.dumps({"rows": [
-        row("softmax", 16384, 100.0), row("soft:num_landmarks=64", 4096, 1.0, 10.0),
+        row("softmax", 16384, 100.0, 40.0), row("soft:num_landmarks=64", 4096, 1.0, 10.0),
         row("soft:num_landmarks=64", 16384, 4.0, 50.0)]}))
+    (tmp_path / "listops-encoder.json").write_text(json.dumps({"rows": [
+        {"attention": "softmax", "n": 2048, "step_ms": 100.0},
+        {"attention": "soft", "n": 2048, "step_ms": 240.0}]}))
     lines = summarize(tmp_path).splitlines()
     get = {line.split(" | ")[0][2:]: line for line in lines}
-    assert "| 0.90 | met |" in get["SOFT window 4, inverse=solve, n=4096: time / SDPA"]
-    assert "| 1.50 | NOT met |" in get["SOFT window 4, newton 20 (m=1024), n=4096: time / its 40 m x m products"]
+    assert "| 0.90 | NOT met |" in get["SOFT window 4, inverse=solve, n=4096: time / SDPA"]
+    assert "| 4.00 | met |" in get["SOFT window 4, newton 20 (m=1024), n=4096, training: time / SDPA"]
     assert "| 25.00 | met |" in get["SOFT m=64, n=16384: SDPA time / SOFT time"]
+    assert "| 1.25 | NOT met |" in get["SOFT m=64, n=16384: peak memory / SDPA's"]
+    assert "| 2.40 | met |" in get["same, SOFT in the paper's setting (window 4): step time / softmax's"]
     assert "| 4.00 | met |" in get["SOFT m=64: time(16384) / time(4096)"]
     assert "| 5.00 | NOT met |" in get["SOFT m=64: peak memory(16384) / peak memory(4096)"]
     assert "not measured" in get["LRA encoder, ListOps n=2048 batch 32, SOFT m=64: tokens/s / softmax's"]

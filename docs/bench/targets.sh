@@ -17,7 +17,8 @@ python cli.py bench --attn softmax --attn soft:num_landmarks=64 --lengths 4096,8
 python cli.py bench --attn softmax --attn soft:num_landmarks=64 --lengths 4096 --compile --no-floors \
     "${COMMON[@]}" --name compile
 # The LRA encoder (2 layers, d 64, 2 heads) training ListOps-sized batches: tokens/s and peak memory.
-python cli.py bench --model lra --attn softmax --attn soft:num_landmarks=64 --lengths 2048 --batch 32 --warmup 1 \
+python cli.py bench --model lra --attn softmax --attn soft:num_landmarks=64 --attn soft --lengths 2048 --batch 32 \
+    --warmup 1 \
     --repeats ${REPEATS:-3} --out "$OUT" --no-progress --name listops-encoder
 
 python -m lra_soft.bench.targets "$OUT"
