@@ -13,6 +13,7 @@ from lra_soft.attention.soft_reference import (SoftOptions, _newton_iterate, gau
                                                newton_alpha_symmetric, sample_landmarks, soft_attention_reference,
                                                soft_product_reference)
 from lra_soft.bench import count_flops
+from tests.test_soft_fused import product_inputs  # the same masked inputs, empty landmarks included
 
 
 @pytest.fixture
@@ -67,17 +68,6 @@ def test_alpha_without_the_product_is_the_papers():
     alpha = newton_alpha_symmetric(A)
     assert alpha.unique().numel() >= 3
     torch.testing.assert_close(alpha, newton_alpha(A, nonnegative=True)[0], rtol=0, atol=0)
-
-
-def product_inputs(masked: bool, n: int = 37, d: int = 8, m: int = 10):
-    """Scaled landmarks (b, h, m, d), empty ones zeroed (the second sequence has three), unscaled q, v (b, h, n, d) and
-    the masks, as `soft_attention_with` hands them to a product."""
-    q = torch.randn(2, 2, n, d, dtype=torch.float64)
-    v = torch.randn(2, 2, n, d, dtype=torch.float64)
-    mask = (torch.arange(n) < torch.tensor([[n], [21]])) if masked else None
-    landmark_mask = torch.arange(m) < torch.tensor([[m], [m - 3]])
-    landmarks = (0.3 * torch.randn(2, 2, m, d, dtype=torch.float64)).masked_fill(~landmark_mask[:, None, :, None], 0)
-    return landmarks, q, v, mask, landmark_mask, d ** -0.25
 
 
 def product_and_gradients(product, landmarks, q, v, mask, landmark_mask, scale, options, g):
