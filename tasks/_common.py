@@ -130,12 +130,12 @@ def tree_record(files: Iterable[Path], root: Path, name: str, progress: bool = F
     return {"path": name, "files": count, "size": size, "sha256": digest.hexdigest()}
 
 
-# --------------------------------------------------------------------------------------------------- atomic writes
-
 def disk_bytes(path: Path) -> int:
     """Bytes of the regular files under ``path`` (what a cache takes on disk, as the user sees it)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not f.is_symlink())
 
+
+# --------------------------------------------------------------------------------------------------- atomic writes
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` through ``lra_soft.atomic.atomic_open``, the one atomic writer (whole caches: ``build_cache``)."""
