@@ -37,7 +37,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from lra_soft.attention import _linalg
 from lra_soft.attention.soft_reference import (SoftOptions, _augment, _kernel_product, _newton_iterate,
@@ -67,6 +66,16 @@ def _newton_apply(A: Tensor, W: Tensor, iters: int, init: str, nonnegative: bool
                 T = torch.baddbmm(T.reshape(-1, m, m), T.reshape(-1, m, m), T.reshape(-1, m, m), beta=2.0,
                                   alpha=-1.0).view_as(T)
         return alpha * (A @ W)
+
+
+def _observed() -> bool:
+    """Whether a dispatch mode (FlopCounterMode) or the profiler watches this thread. Both are private torch
+    functions, so a torch without them counts as unobserved rather than failing."""
+    try:
+        from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+        return bool(is_in_torch_dispatch_mode() or torch._C._autograd._profiler_enabled())
+    except (ImportError, AttributeError):
+        return False
 
 
 def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,7 +112,7 @@ def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
             torch.set_num_threads(threads)
 
     # FlopCounterMode (a dispatch mode) and the profiler see only their own thread: run the same loop in this one
-    observed = is_in_torch_dispatch_mode() or torch._C._autograd._profiler_enabled()
+    observed = _observed()
     workers = 1 if observed else min(threads, A3.shape[0])
     share = -(-A3.shape[0] // workers)
     parts = [range(i, min(i + share, A3.shape[0])) for i in range(0, A3.shape[0], share)]
