@@ -94,8 +94,9 @@ class Encoder(nn.Module):
         x = self.drop(x + self.positions(torch.arange(x.shape[1], device=ids.device)))
         # An unpadded batch (Image's and Pathfinder's, whose sequences have one length) reaches the attentions without
         # a mask: each reads None as "all tokens real" and skips its masking passes, the same result faster
-        # (docs/benchmarks.md).
-        padded = not bool(mask.all())
+        # (docs/benchmarks.md). Checked on CPU only: elsewhere the check would be a device sync every forward, and
+        # under torch.compile a graph break, so there the mask always goes through (the same result).
+        padded = x.device.type != "cpu" or torch.compiler.is_compiling() or not bool(mask.all())
         for block in self.blocks:
             x = block(x, mask if padded else None)
         x = self.norm(x)  # (b, n, c)
