@@ -199,9 +199,10 @@ def test_bf16_autocast_module():
 
 def test_options_are_declared_once():
     """SoftOptions is the one declaration: the module's constructor, both functions and the registry list its fields
-    with its defaults, and `SoftAttention.options` holds exactly them."""
+    with its defaults, and `SoftAttention.options` holds exactly them. The module adds one option of its own, the
+    convolution of V, which holds a parameter and so is no option of the functions."""
     defaults = dataclasses.asdict(SoftOptions())
-    assert attention_options("soft") == defaults
+    assert attention_options("soft") == {**defaults, "conv_kernel": 0}
     for fn in (soft_attention, soft_attention_reference, SoftAttention.__init__):
         params = inspect.signature(fn).parameters
         assert {k: params[k].default for k in defaults} == defaults, fn
@@ -226,6 +227,60 @@ def test_conv_sampling_learns():
     attn = build_attention("soft", 32, 2, max_len=64, sampling="conv", window=4)
     attn(torch.randn(2, 18, 32)).sum().backward()
     assert attn.conv.weight.grad is not None and attn.conv.weight.grad.abs().sum() > 0
+
+
+def _conv_reference(v, weight, mask):
+    """The depthwise convolution of V written out: out[b, h, i] = sum_t w[h, t] v[b, h, i + t - k // 2], padded
+    tokens and the ends of the sequence read as zero."""
+    b, h, n, d = v.shape
+    k = weight.shape[2]
+    v = v * mask[:, None, :, None]
+    out = torch.zeros_like(v)
+    for t in range(k):
+        shift = t - k // 2
+        lo, hi = max(0, -shift), min(n, n - shift)
+        out[:, :, lo:hi] += weight[:, 0, t, 0][None, :, None, None] * v[:, :, lo + shift:hi + shift]
+    return out
+
+
+def test_v_convolution_is_the_written_out_convolution_added_to_the_output():
+    """conv_kernel=k adds the depthwise convolution of V (one k-tap filter per head) to SOFT's output before the
+    output projection; outputs and the gradients of every parameter equal the written-out formula's (with the exact
+    inverse, so that only the convolution is under test; the inverses have their own tests above)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 23, 16, dtype=torch.float64)
+    mask = torch.arange(23) < torch.tensor([[23], [14]])
+    with_conv = build_attention("soft", 16, 2, max_len=32, num_landmarks=4, inverse="pinv", conv_kernel=5).double()
+    assert tuple(with_conv.v_conv.weight.shape) == (2, 1, 5, 1)
+    with torch.no_grad():
+        with_conv.v_conv.weight.normal_()
+
+    def reference(x):
+        q = with_conv.W_q(x).view(2, 23, 2, 8).transpose(1, 2)  # (b, h, n, d)
+        v = with_conv.W_v(x).view(2, 23, 2, 8).transpose(1, 2)
+        out = soft_attention_reference(q, v, mask, **with_conv.options) + _conv_reference(v, with_conv.v_conv.weight,
+                                                                                          mask)
+        return with_conv.ff(out.transpose(1, 2).reshape(2, 23, 16))
+
+    ours, ref = with_conv(x, mask), reference(x)
+    valid = mask[..., None]
+    torch.testing.assert_close(ours * valid, ref * valid, rtol=1e-9, atol=1e-9)
+    grad_out = torch.randn_like(ours) * valid
+    ours_grads = torch.autograd.grad((ours * grad_out).sum(), list(with_conv.parameters()))
+    ref_grads = torch.autograd.grad((ref * grad_out).sum(), list(with_conv.parameters()))
+    for (name, _), a, b in zip(with_conv.named_parameters(), ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=name)
+    assert ours_grads[-1].abs().sum() > 0  # the filter learns
+
+    without = build_attention("soft", 16, 2, max_len=32, num_landmarks=4, inverse="pinv").double()
+    assert without.v_conv is None and not any("v_conv" in k for k in without.state_dict())
+    without.load_state_dict({k: v for k, v in with_conv.state_dict().items() if not k.startswith("v_conv")})
+    with torch.no_grad():
+        with_conv.v_conv.weight.zero_()
+    torch.testing.assert_close(with_conv(x, mask), without(x, mask))
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match="soft conv_kernel must be 0 .* or odd"):
+            build_attention("soft", 16, 2, max_len=32, conv_kernel=bad)
 
 
 @pytest.mark.parametrize("bad, message", [

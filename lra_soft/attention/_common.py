@@ -1,11 +1,11 @@
-"""Helpers shared by the attention variants: head split/merge and padding masks.
+"""Helpers shared by the attention variants: head split/merge, padding masks and the depthwise convolution of V.
 
 Shapes: b batch, n sequence length, h heads, d head dim, m landmarks / features.
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -34,3 +34,25 @@ def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return x
     return x.masked_fill(~mask[:, None, :, None], 0.0)
+
+
+def check_conv_kernel(name: str, kernel: int) -> int:
+    """0 (no convolution) or an odd length, so that the convolution keeps each token at its own position."""
+    if not isinstance(kernel, int) or kernel < 0 or (kernel and kernel % 2 == 0):
+        raise ValueError(f"{name} conv_kernel must be 0 (no convolution) or odd, got {kernel!r}")
+    return kernel
+
+
+class TokenConv(nn.Conv2d):
+    """Depthwise convolution of V along the tokens, added to an attention's output: one (kernel x 1) filter per head,
+    shared over the head's channels, no bias (the authors' ``Conv2d(heads, heads, (k, 1), groups=heads)``, the
+    Nystromformer's "skip connection of V" and SOFT's local branch). Padded tokens are zeroed first, so that they add
+    nothing to a valid token's output."""
+
+    def __init__(self, heads: int, kernel: int):
+        super().__init__(heads, heads, (kernel, 1), padding=(kernel // 2, 0), groups=heads, bias=False)
+
+    def forward(self, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        # (b, h, n, d) -> (b, h, n, d); the weight follows v's dtype (the attentions run in float32 under autocast)
+        return nn.functional.conv2d(zero_padding(v, mask), self.weight.to(v.dtype), padding=self.padding,
+                                    groups=self.groups)

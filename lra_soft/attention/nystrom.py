@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
+from lra_soft.attention._common import (TokenConv, check_conv_kernel, check_mask, merge_heads, split_heads,
+                                       zero_padding)
 from lra_soft.dropout import Dropout
 
 
@@ -110,8 +111,7 @@ class NystromAttention(nn.Module):
             raise ValueError(f"nystrom num_landmarks must be >= 1, got {num_landmarks}")
         if inverse not in ("iterative", "pinv"):
             raise ValueError(f"unknown nystrom inverse {inverse!r}; choose from ['iterative', 'pinv']")
-        if conv_kernel < 0 or (conv_kernel and conv_kernel % 2 == 0):
-            raise ValueError(f"nystrom conv_kernel must be 0 (no convolution) or odd, got {conv_kernel}")
+        check_conv_kernel("nystrom", conv_kernel)
         self.heads = heads
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
@@ -119,9 +119,7 @@ class NystromAttention(nn.Module):
         self.W_q = nn.Linear(dim, dim)
         self.W_k = nn.Linear(dim, dim)
         self.W_v = nn.Linear(dim, dim)
-        # one (conv_kernel x 1) filter per head, shared over the head's channels, as the authors' Conv2d(groups=heads)
-        self.conv = None if conv_kernel == 0 else nn.Conv2d(heads, heads, (conv_kernel, 1),
-                                                            padding=(conv_kernel // 2, 0), groups=heads, bias=False)
+        self.conv = TokenConv(heads, conv_kernel) if conv_kernel else None  # the authors' skip connection of V
         self.ff = nn.Linear(dim, dim)
         self.drop = Dropout(dropout)
 
@@ -134,9 +132,5 @@ class NystromAttention(nn.Module):
             out = nystrom_attention(q, k, v, mask, num_landmarks=self.num_landmarks,
                                     pinv_iterations=self.pinv_iterations, inverse=self.inverse)
             if self.conv is not None:
-                out = out + self._conv(v, mask)
+                out = out + self.conv(v, mask)
         return self.drop(self.ff(merge_heads(out)))
-
-    def _conv(self, v: Tensor, mask: Tensor | None) -> Tensor:
-        weight = self.conv.weight.to(v.dtype)
-        return nn.functional.conv2d(zero_padding(v, mask), weight, padding=self.conv.padding, groups=self.heads)

@@ -7,7 +7,10 @@ SOFT lives in three files, one job each:
   the Gaussian kernel, the Newton-Raphson inverse (Algorithm 2), the bottleneck tokens and the exact reference
   `soft_attention_reference`;
 - `soft_fused`: the same product P^T (A^+ (P V)) fused for the CPU, with a hand-written backward;
-- this file: the choice between the two, and the module (projections, learned `conv` landmarks, dropout).
+- this file: the choice between the two, and the module (projections, learned `conv` landmarks, dropout, and the
+  optional depthwise convolution of V that the authors' models add to the output: `conv_kernel`, off by default as
+  the paper's LRA setting has none; the ImageNet backbones keep theirs, the LRA port of the Nystromformer authors
+  offers one of 33).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lra_soft import allocator
-from lra_soft.attention._common import check_mask, merge_heads, split_heads, zero_padding
+from lra_soft.attention._common import TokenConv, check_conv_kernel, check_mask, merge_heads, split_heads, zero_padding
 from lra_soft.attention.soft_fused import soft_product
 from lra_soft.attention.soft_reference import (INVERSE, NEWTON_GRAD, NEWTON_INIT, SAMPLING, SoftOptions,
                                                gaussian_kernel, newton_alpha, newton_inverse, newton_inverse_unrolled,
@@ -62,7 +65,7 @@ class SoftAttention(nn.Module):
     """SOFT: Gaussian-kernel attention without softmax, Nystrom-approximated through m landmarks (linear in n)."""
 
     @takes_soft_options
-    def __init__(self, dim: int, heads: int, *, max_len: int, dropout: float = 0.0, **options):
+    def __init__(self, dim: int, heads: int, *, max_len: int, dropout: float = 0.0, conv_kernel: int = 0, **options):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
@@ -78,6 +81,8 @@ class SoftAttention(nn.Module):
         # Learned landmarks: kernel = stride = window, no bias, shared by the heads (Section 4.4).
         sampling, window = opts.sampling, opts.window
         self.conv = nn.Conv1d(head_dim, head_dim, window, stride=window, bias=False) if sampling == "conv" else None
+        # Local branch: out + depthwise conv of V along the tokens (the authors' models; not the paper's LRA setting).
+        self.v_conv = TokenConv(heads, check_conv_kernel("soft", conv_kernel)) if conv_kernel else None
         self.drop = Dropout(dropout)
 
     def conv_landmarks(self, q: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -96,4 +101,6 @@ class SoftAttention(nn.Module):
         if self.conv is not None:
             landmarks, landmark_mask = self.conv_landmarks(q, mask)
         out = soft_attention(q, v, mask, landmarks=landmarks, landmark_mask=landmark_mask, **self.options)
+        if self.v_conv is not None:
+            out = out + self.v_conv(v, mask)  # (b, h, n, d)
         return self.drop(self.ff(merge_heads(out.to(v.dtype))))
