@@ -1,0 +1,80 @@
+"""At initialisation, what the first attention layer does to the residual stream of the LRA encoder (Table 6's
+2-layer harness, ``lra_soft.encoder``) on real ListOps examples: how large each attention's output is against its
+input, and how much of each token's own identity survives the first residual sum.
+
+    python scripts/init_scale.py data/cache/listops/raw --n 2048 \
+        --attn softmax --attn nystrom --attn nystrom:conv_kernel=0 --attn soft:num_landmarks=64 --attn soft
+
+Reads ``basic_test.tsv`` (the first ``--batch`` examples, padded to ``--n``), builds the encoder with each attention
+at the same seed and prints, over the real tokens of the batch:
+
+- ``|attn| / |x|``: the Frobenius norm of the first block's attention output over that of its input x (the token +
+  position embeddings, N(0, 0.02) each). SOFT's kernel exp(-|q_i - q_j|^2 / (2 sqrt(d))) is not normalised, so
+  each output sums about n kernel values; softmax-normalised attentions average their values instead.
+- ``cos before / after``: the mean cosine similarity of each token's vector with the batch's mean vector, in x and in
+  x + attn. Near 1 after the attention, every token holds about the same vector: the identity of a single position
+  (ListOps' answer sits in its first token) is left as a small difference.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lra_soft.bench.specs import parse_specs
+from lra_soft.config import EncoderConfig
+from lra_soft.encoder import build_model
+from tasks.listops import VOCAB, read_tsv
+
+
+def batch(path: Path, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `size` examples of a ListOps TSV, truncated to n tokens and zero-padded to n."""
+    ids = torch.zeros(size, n, dtype=torch.long)
+    for i, (_, seq, _) in enumerate(itertools.islice(read_tsv(path), size)):
+        seq = torch.tensor(list(seq))[:n]
+        ids[i, :len(seq)] = seq
+    return ids, ids != 0  # (b, n), True = real token
+
+
+def mean_cosine(x: torch.Tensor) -> float:
+    """(tokens, c) -> the mean cosine similarity of each row with the mean row."""
+    return F.cosine_similarity(x, x.mean(0, keepdim=True).expand_as(x)).mean().item()
+
+
+@torch.no_grad()
+def first_block(spec, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[float, float, float]:
+    torch.manual_seed(seed)
+    cfg = EncoderConfig(vocab_size=len(VOCAB), max_len=ids.shape[1], attention=spec.name,
+                        attention_options=spec.options, pooling="mean_padded", attention_fp32=True)
+    encoder = build_model(cfg).eval().encoder
+    block = encoder.blocks[0]
+    x = encoder.tokens(ids) + encoder.positions(torch.arange(ids.shape[1]))  # (b, n, c)
+    a = block.attn(block.norm1(x), mask)                                     # (b, n, c)
+    return (a[mask].norm() / x[mask].norm()).item(), mean_cosine(x[mask]), mean_cosine((x + a)[mask])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("raw", type=Path, help="folder with basic_test.tsv (a generated cache keeps it in raw/)")
+    parser.add_argument("--n", type=int, default=2048, help="padded length (the harness's 2048)")
+    parser.add_argument("--batch", type=int, default=4, help="examples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attn", action="append", default=[], help="NAME[:key=value,...], repeatable")
+    args = parser.parse_args()
+    path = args.raw / "basic_test.tsv"
+    if not path.is_file():
+        parser.error(f"{path} does not exist: pass the folder of the ListOps TSVs (e.g. data/cache/listops/raw)")
+    specs = parse_specs(args.attn or ["softmax", "nystrom", "soft:num_landmarks=64", "soft"])
+    ids, mask = batch(path, args.n, args.batch)
+    print(f"n = {args.n}, {args.batch} test examples, {int(mask.sum())} real tokens, seed {args.seed}")
+    print(f"{'attention':36s} {'|attn| / |x|':>12s} {'cos before':>10s} {'cos after':>10s}")
+    for spec in specs:
+        ratio, before, after = first_block(spec, ids, mask, args.seed)
+        print(f"{spec.label:36s} {ratio:12.2f} {before:10.3f} {after:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
