@@ -27,6 +27,7 @@ SMALL_OPTIONS = [  # options that exercise chunking / several landmarks at the s
     ("nystrom", {"num_landmarks": 4, "conv_kernel": 0, "inverse": "pinv"}),
     ("performer", {"num_features": 16}),
     ("soft", {"num_landmarks": 4, "conv_kernel": 5}),
+    ("soft", {"sampling": "conv", "window": 4, "landmark_norm": True}),
     ("reformer", {"bucket_size": 4, "n_buckets": 4}),
     ("reformer", {"bucket_size": 4, "n_buckets": 4, "n_hashes": 1}),
 ]

@@ -200,9 +200,9 @@ def test_bf16_autocast_module():
 def test_options_are_declared_once():
     """SoftOptions is the one declaration: the module's constructor, both functions and the registry list its fields
     with its defaults, and `SoftAttention.options` holds exactly them. The module adds one option of its own, the
-    convolution of V, which holds a parameter and so is no option of the functions."""
+    convolution of V and the landmarks' normalisation, which hold parameters and so are no options of the functions."""
     defaults = dataclasses.asdict(SoftOptions())
-    assert attention_options("soft") == {**defaults, "conv_kernel": 0}
+    assert attention_options("soft") == {**defaults, "landmark_norm": False, "conv_kernel": 0}
     for fn in (soft_attention, soft_attention_reference, SoftAttention.__init__):
         params = inspect.signature(fn).parameters
         assert {k: params[k].default for k in defaults} == defaults, fn
@@ -243,6 +243,18 @@ def _conv_reference(v, weight, mask):
     return out
 
 
+def _assert_same_on_valid_tokens(module, ours, ref, mask, *, out_tol, grad_tol):
+    """Outputs on valid tokens and every parameter's gradient agree (rtol, atol); returns our gradients."""
+    valid = mask[..., None]
+    torch.testing.assert_close(ours * valid, ref * valid, rtol=out_tol[0], atol=out_tol[1])
+    grad_out = torch.randn_like(ours) * valid
+    ours_grads = torch.autograd.grad((ours * grad_out).sum(), list(module.parameters()))
+    ref_grads = torch.autograd.grad((ref * grad_out).sum(), list(module.parameters()))
+    for (name, _), a, c in zip(module.named_parameters(), ours_grads, ref_grads):
+        torch.testing.assert_close(a, c, rtol=grad_tol[0], atol=grad_tol[1], msg=name)
+    return ours_grads
+
+
 def test_v_convolution_is_the_written_out_convolution_added_to_the_output():
     """conv_kernel=k adds the depthwise convolution of V (one k-tap filter per head) to SOFT's output before the
     output projection; outputs and the gradients of every parameter equal the written-out formula's (with the exact
@@ -262,14 +274,8 @@ def test_v_convolution_is_the_written_out_convolution_added_to_the_output():
                                                                                           mask)
         return with_conv.ff(out.transpose(1, 2).reshape(2, 23, 16))
 
-    ours, ref = with_conv(x, mask), reference(x)
-    valid = mask[..., None]
-    torch.testing.assert_close(ours * valid, ref * valid, rtol=1e-9, atol=1e-9)
-    grad_out = torch.randn_like(ours) * valid
-    ours_grads = torch.autograd.grad((ours * grad_out).sum(), list(with_conv.parameters()))
-    ref_grads = torch.autograd.grad((ref * grad_out).sum(), list(with_conv.parameters()))
-    for (name, _), a, b in zip(with_conv.named_parameters(), ours_grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9, msg=name)
+    ours_grads = _assert_same_on_valid_tokens(with_conv, with_conv(x, mask), reference(x), mask,
+                                              out_tol=(1e-9, 1e-9), grad_tol=(1e-8, 1e-9))
     assert ours_grads[-1].abs().sum() > 0  # the filter learns
 
     without = build_attention("soft", 16, 2, max_len=32, num_landmarks=4, inverse="pinv").double()
@@ -281,6 +287,49 @@ def test_v_convolution_is_the_written_out_convolution_added_to_the_output():
     for bad in (4, -1):
         with pytest.raises(ValueError, match="soft conv_kernel must be 0 .* or odd"):
             build_attention("soft", 16, 2, max_len=32, conv_kernel=bad)
+
+
+def test_landmark_norm_is_the_authors_landmarks_in_the_kernel_written_out():
+    """landmark_norm=True: landmarks L = GELU(LN(conv(d^-1/4 Q))) meet the kernel at that scale, unscaled:
+    out = exp(-|sQ - L|^2 / 2) A^+ exp(-|L - sQ|^2 / 2) V with A = exp(-|L - L|^2 / 2), s = d^-1/4 (the authors'
+    code). Outputs and every parameter's gradient equal this formula written out with torch.linalg.pinv."""
+    torch.manual_seed(0)
+    b, n, h, d, w = 2, 22, 2, 8, 4
+    x = torch.randn(b, n, h * d, dtype=torch.float64)
+    mask = torch.arange(n) < torch.tensor([[n], [13]])
+    attn = build_attention("soft", h * d, h, max_len=32, sampling="conv", window=w, inverse="pinv",
+                           landmark_norm=True).double()
+    with torch.no_grad():  # LayerNorm's affine away from (1, 0), so that a wrong order or scale shows
+        attn.landmark_norm[0].weight.uniform_(0.5, 1.5)
+        attn.landmark_norm[0].bias.normal_(0, 0.3)
+
+    def kernel(a, c):  # exp(-|a_i - c_j|^2 / 2), (..., i, j)
+        return torch.exp(-0.5 * ((a[..., :, None, :] - c[..., None, :, :]) ** 2).sum(-1))
+
+    def reference(x):
+        s = d ** -0.25
+        q = attn.W_q(x).view(b, n, h, d).transpose(1, 2) * mask[:, None, :, None] * s  # (b, h, n, d), scaled
+        v = attn.W_v(x).view(b, n, h, d).transpose(1, 2) * mask[:, None, :, None]
+        m = -(-n // w)
+        padded = torch.cat([q, q.new_zeros(b, h, m * w - n, d)], dim=2)                  # (b, h, m w, d)
+        conv = attn.conv.weight                                                          # (d_out, d_in, w)
+        L = torch.einsum("bhmtc,oct->bhmo", padded.view(b, h, m, w, d), conv)          # (b, h, m, d)
+        L = torch.nn.functional.gelu(attn.landmark_norm[0](L))
+        valid = torch.cat([mask, mask.new_zeros(b, m * w - n)], 1).view(b, m, w).any(-1)  # (b, m)
+        out = torch.zeros_like(v)
+        for i in range(b):
+            keep = valid[i]
+            Li = L[i][:, keep]                                                             # (h, m_i, d)
+            out[i] = kernel(q[i], Li) @ torch.linalg.pinv(kernel(Li, Li)) @ (kernel(Li, q[i]) @ v[i])
+        out = out * mask[:, None, :, None]
+        return attn.ff(out.transpose(1, 2).reshape(b, n, h * d))
+
+    grads = _assert_same_on_valid_tokens(attn, attn(x, mask), reference(x), mask,
+                                         out_tol=(1e-8, 1e-10), grad_tol=(1e-7, 1e-9))
+    for (name, _), g in zip(attn.named_parameters(), grads):
+        assert g.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="landmark_norm=True .* needs sampling='conv'"):
+        build_attention("soft", 16, 2, max_len=32, landmark_norm=True)
 
 
 @pytest.mark.parametrize("bad, message", [

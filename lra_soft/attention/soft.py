@@ -7,10 +7,12 @@ SOFT lives in three files, one job each:
   the Gaussian kernel, the Newton-Raphson inverse (Algorithm 2), the bottleneck tokens and the exact reference
   `soft_attention_reference`;
 - `soft_fused`: the same product P^T (A^+ (P V)) fused for the CPU, with a hand-written backward;
-- this file: the choice between the two, and the module (projections, learned `conv` landmarks, dropout, and the
-  optional depthwise convolution of V that the authors' models add to the output: `conv_kernel`, off by default as
-  the paper's LRA setting has none; the ImageNet backbones keep theirs, the LRA port of the Nystromformer authors
-  offers one of 33).
+- this file: the choice between the two, and the module (projections, learned `conv` landmarks, dropout) with two
+  pieces of the authors' code that the paper's LRA setting does not have, both off by default:
+  `landmark_norm`, LayerNorm + GELU after the landmark convolution, the landmarks then entering the kernel at the
+  LayerNorm's scale (as in the authors' ImageNet code and in the LRA port of SOFT by the Nystromformer authors), and
+  `conv_kernel`, a depthwise convolution of V added to the output (the ImageNet models' k = 9, 5, 3; the LRA port's
+  optional 33).
 """
 from __future__ import annotations
 
@@ -65,13 +67,17 @@ class SoftAttention(nn.Module):
     """SOFT: Gaussian-kernel attention without softmax, Nystrom-approximated through m landmarks (linear in n)."""
 
     @takes_soft_options
-    def __init__(self, dim: int, heads: int, *, max_len: int, dropout: float = 0.0, conv_kernel: int = 0, **options):
+    def __init__(self, dim: int, heads: int, *, max_len: int, dropout: float = 0.0, landmark_norm: bool = False,
+                 conv_kernel: int = 0, **options):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         opts = SoftOptions(**options)
         if opts.sampling == "conv" and opts.num_landmarks is not None:
             raise ValueError("sampling='conv' has a fixed kernel = stride = window; it cannot take num_landmarks")
+        if landmark_norm and opts.sampling != "conv":
+            raise ValueError(f"landmark_norm=True normalises learned landmarks: it needs sampling='conv' (e.g. "
+                             f"-o sampling=conv -o window=32), got sampling={opts.sampling!r}")
         self.heads = heads
         self.options = asdict(opts)
         self.W_q = nn.Linear(dim, dim)  # shared query/key projection: Q = K (Section 3.1)
@@ -81,6 +87,7 @@ class SoftAttention(nn.Module):
         # Learned landmarks: kernel = stride = window, no bias, shared by the heads (Section 4.4).
         sampling, window = opts.sampling, opts.window
         self.conv = nn.Conv1d(head_dim, head_dim, window, stride=window, bias=False) if sampling == "conv" else None
+        self.landmark_norm = nn.Sequential(nn.LayerNorm(head_dim), nn.GELU()) if landmark_norm else None
         # Local branch: out + depthwise conv of V along the tokens (the authors' models; not the paper's LRA setting).
         self.v_conv = TokenConv(heads, check_conv_kernel("soft", conv_kernel)) if conv_kernel else None
         self.drop = Dropout(dropout)
@@ -90,7 +97,12 @@ class SoftAttention(nn.Module):
         w = self.options["window"]
         m = math.ceil(n / w)
         x = F.pad(zero_padding(q, mask), (0, 0, 0, m * w - n)).reshape(b * h, m * w, d).transpose(1, 2)
-        landmarks = self.conv(x).transpose(1, 2).reshape(b, h, m, d)
+        landmarks = self.conv(x).transpose(1, 2).reshape(b, h, m, d)  # (b, h, m, d)
+        if self.landmark_norm is not None:
+            # The authors convolve the scaled Q (d^-1/4 Q), then LayerNorm + GELU fix the landmarks' scale.
+            # `soft_attention` scales given landmarks by d^-1/4 along with Q, so that is divided out here: the kernel
+            # meets them at the LayerNorm's scale, as theirs does.
+            landmarks = self.landmark_norm(landmarks * d ** -0.25) * d ** 0.25
         valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
         return landmarks, F.pad(valid, (0, m * w - n)).view(b, m, w).any(-1)
 
