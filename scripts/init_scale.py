@@ -70,10 +70,11 @@ def main() -> None:
     specs = parse_specs(args.attn or ["softmax", "nystrom", "soft:num_landmarks=64", "soft"])
     ids, mask = batch(path, args.n, args.batch)
     print(f"n = {args.n}, {args.batch} test examples, {int(mask.sum())} real tokens, seed {args.seed}")
-    print(f"{'attention':36s} {'|attn| / |x|':>12s} {'cos before':>10s} {'cos after':>10s}")
+    width = max(len("attention"), *(len(spec.label) for spec in specs))
+    print(f"{'attention':{width}s} {'|attn| / |x|':>12s} {'cos before':>10s} {'cos after':>10s}")
     for spec in specs:
         ratio, before, after = first_block(spec, ids, mask, args.seed)
-        print(f"{spec.label:36s} {ratio:12.2f} {before:10.3f} {after:10.3f}")
+        print(f"{spec.label:{width}s} {ratio:12.2f} {before:10.3f} {after:10.3f}")
 
 
 if __name__ == "__main__":
