@@ -22,6 +22,7 @@ Newton inverse, softmax) in float32 itself, so nothing here special-cases an att
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
@@ -84,6 +85,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        # A process that ends without destroying its group can abort in interpreter finalisation (gloo's worker
+        # threads still hold tensors: SIGABRT, "terminate called without an active exception"); whoever calls
+        # fit() under torchrun without cleanup() is covered. cleanup() is a no-op once the group is gone.
+        atexit.register(cleanup)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 

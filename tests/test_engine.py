@@ -304,6 +304,7 @@ for where in ("step", "data", "nan", "eval", "disk", "busy"):
         seen = {"raised": type(e).__name__, "message": str(e)}
     with open(out / f"rank{rank()}.jsonl", "a") as f:
         f.write(json.dumps({"where": where, "rank": rank(), **seen}) + "\n")
+# no cleanup() here on purpose: the group init_distributed joined is destroyed at exit, or gloo could abort the exit
 '''
 
 
