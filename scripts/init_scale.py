@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lra_soft.attention._common import split_heads
+from lra_soft.attention.soft import SoftAttention, gaussian_kernel, sample_landmarks
 from lra_soft.bench.specs import parse_specs
 from lra_soft.config import EncoderConfig
 from lra_soft.encoder import build_model
@@ -58,13 +60,38 @@ def model_at_init(spec, n: int, seed: int) -> torch.nn.Module:
     return build_model(cfg).eval()
 
 
+def effective_rank(A: torch.Tensor) -> torch.Tensor:
+    """(..., m, m) symmetric positive semi-definite -> (sum lambda)^2 / sum lambda^2, between 1 and m."""
+    eigenvalues = torch.linalg.eigvalsh(A.double()).clamp_min(0)  # (..., m)
+    return eigenvalues.sum(-1) ** 2 / eigenvalues.pow(2).sum(-1)
+
+
+def landmark_rank(attn: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """The mean effective rank of SOFT's landmark kernel A over examples and heads, for the attention's input h
+    (b, n, c); None for an attention without landmarks of SOFT's kind."""
+    if not isinstance(attn, SoftAttention):
+        return None
+    q = split_heads(attn.W_q(h), attn.heads)  # (b, h, n, d)
+    if attn.conv is not None:
+        landmarks, keep = attn.conv_landmarks(q, mask)
+    else:
+        o = attn.options
+        landmarks, keep = sample_landmarks(q, mask, sampling=o["sampling"], window=o["window"],
+                                           num_landmarks=o["num_landmarks"])  # (b, h, m, d), (b, m)
+    scaled = landmarks * q.shape[-1] ** -0.25  # the kernel's exp(-|x - y|^2 / (2 sqrt(d)))
+    ranks = [effective_rank(gaussian_kernel(L[:, k], L[:, k])) for L, k in zip(scaled, keep)]  # (h,) each
+    return torch.cat(ranks).mean().item()
+
+
 @torch.no_grad()
-def first_block(spec, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[float, float, float]:
+def first_block(spec, ids: torch.Tensor, mask: torch.Tensor, seed: int) -> tuple[float, float, float, float | None]:
     encoder = model_at_init(spec, ids.shape[1], seed).encoder
     block = encoder.blocks[0]
     x = encoder.tokens(ids) + encoder.positions(torch.arange(ids.shape[1]))  # (b, n, c)
-    a = block.attn(block.norm1(x), mask)                                     # (b, n, c)
-    return (a[mask].norm() / x[mask].norm()).item(), mean_cosine(x[mask]), mean_cosine((x + a)[mask])
+    h = block.norm1(x)
+    a = block.attn(h, mask)                                                  # (b, n, c)
+    rank = landmark_rank(block.attn, h, mask)
+    return (a[mask].norm() / x[mask].norm()).item(), mean_cosine(x[mask]), mean_cosine((x + a)[mask]), rank
 
 
 def embedding_gradients(spec, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
@@ -96,11 +123,13 @@ def main() -> None:
     print(f"n = {args.n}, {args.batch} test examples, {int(mask.sum())} real tokens, seed {args.seed}")
     width = max(len("attention"), *(len(spec.label) for spec in specs))
     print(f"{'attention':{width}s} {'|attn| / |x|':>12s} {'cos before':>10s} {'cos after':>10s} {'|dL/dE|':>9s} "
-          f"{'residual path':>13s}")
+          f"{'residual path':>13s} {'landmark rank':>13s}")
     for spec in specs:
-        ratio, before, after = first_block(spec, ids, mask, args.seed)
+        ratio, before, after, rank = first_block(spec, ids, mask, args.seed)
         full, residual = embedding_gradients(spec, ids, mask, labels, args.seed)
-        print(f"{spec.label:{width}s} {ratio:12.2f} {before:10.3f} {after:10.3f} {full:9.2e} {residual:13.2e}")
+        rank = "-" if rank is None else f"{rank:.2f}"
+        print(f"{spec.label:{width}s} {ratio:12.2f} {before:10.3f} {after:10.3f} {full:9.2e} {residual:13.2e} "
+              f"{rank:>13s}")
 
 
 if __name__ == "__main__":
