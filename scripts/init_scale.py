@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lra_soft.attention._common import split_heads
-from lra_soft.attention.soft import SoftAttention, gaussian_kernel, sample_landmarks
+from lra_soft.attention.soft import SoftAttention, gaussian_kernel
 from lra_soft.bench.specs import parse_specs
 from lra_soft.config import EncoderConfig
 from lra_soft.encoder import build_model
@@ -72,12 +72,7 @@ def landmark_rank(attn: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor) ->
     if not isinstance(attn, SoftAttention):
         return None
     q = split_heads(attn.W_q(h), attn.heads)  # (b, h, n, d)
-    if attn.conv is not None:
-        landmarks, keep = attn.conv_landmarks(q, mask)
-    else:
-        o = attn.options
-        landmarks, keep = sample_landmarks(q, mask, sampling=o["sampling"], window=o["window"],
-                                           num_landmarks=o["num_landmarks"])  # (b, h, m, d), (b, m)
+    landmarks, keep = attn.landmarks(q, mask)  # (b, h, m, d), (b, m)
     scaled = landmarks * q.shape[-1] ** -0.25  # the kernel's exp(-|x - y|^2 / (2 sqrt(d)))
     ranks = [effective_rank(gaussian_kernel(L[:, k], L[:, k])) for L, k in zip(scaled, keep)]  # (h,) each
     return torch.cat(ranks).mean().item()

@@ -106,6 +106,14 @@ class SoftAttention(nn.Module):
         valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
         return landmarks, F.pad(valid, (0, m * w - n)).view(b, m, w).any(-1)
 
+    def landmarks(self, q: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The bottleneck tokens (b, h, m, d) of q (b, h, n, d), unscaled, and their validity (b, m), as this module
+        makes them: learned for `conv`, else `sample_landmarks` (which `soft_attention` calls itself when given none)."""
+        if self.conv is not None:
+            return self.conv_landmarks(q, mask)
+        o = self.options
+        return sample_landmarks(q, mask, sampling=o["sampling"], window=o["window"], num_landmarks=o["num_landmarks"])
+
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_mask(x, mask)
         q, v = split_heads(self.W_q(x), self.heads), split_heads(self.W_v(x), self.heads)  # (b, h, n, d)
