@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -84,10 +85,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        # DistributedDataParallel imports torch._dynamo on first use; imported after the group exists, dynamo keeps
+        # references to it that destroy_process_group cannot drop, so gloo's worker threads outlive the group into
+        # interpreter finalisation, where they can abort the exit (SIGABRT). Imported first, it keeps none.
+        import torch._dynamo  # noqa: F401
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
         # A process that ends without destroying its group can abort in interpreter finalisation (gloo's worker
-        # threads still hold tensors: SIGABRT, "terminate called without an active exception"); whoever calls
-        # fit() under torchrun without cleanup() is covered. cleanup() is a no-op once the group is gone.
+        # threads still alive: SIGABRT, "terminate called without an active exception"); whoever calls fit()
+        # under torchrun without cleanup() is covered. cleanup() is a no-op once the group is gone.
         atexit.register(cleanup)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
@@ -195,7 +200,10 @@ def grad_scaler(device: torch.device, precision: bool | str) -> torch.amp.GradSc
 
 
 def cleanup() -> None:
+    """Leave the process group, and let it go now: a DistributedDataParallel model still caught in a reference cycle
+    (a failed run's traceback) holds the group, and with it gloo's worker threads, until the garbage collector runs."""
     global _CONTROL
+    _CONTROL = None
     if is_dist():
         dist.destroy_process_group()
-    _CONTROL = None
+        gc.collect()

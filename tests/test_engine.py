@@ -257,7 +257,7 @@ def test_a_run_directory_another_process_trains_into_is_refused(tmp_path):
 # Run by two gloo processes under torchrun: each scenario makes one process fail, somewhere, at one step; every
 # process prints what it raised as one JSON line.
 DDP_SCENARIOS = r'''
-import errno, json, os, sys
+import atexit, errno, json, os, sys
 from pathlib import Path
 import torch
 import lra_soft.checkpoint
@@ -294,6 +294,13 @@ def disk_full_on_rank_0(state, f, **kwargs):  # the second last.pt (step 4) find
     save(state, f, **kwargs)
 
 out = Path(sys.argv[1])
+
+def threads_at_exit():  # registered before init_distributed's cleanup, so it runs after it (atexit is LIFO)
+    names = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+    with open(out / f"threads{os.environ['RANK']}.json", "w") as f:
+        json.dump(names, f)
+atexit.register(threads_at_exit)
+
 for where in ("step", "data", "nan", "eval", "disk", "busy"):
     lra_soft.checkpoint.torch.save = disk_full_on_rank_0 if where == "disk" else save
     saves.clear()
@@ -335,6 +342,9 @@ def test_an_error_on_one_ddp_process_stops_every_process_with_one_message(tmp_pa
         holder.kill()
         holder.wait()
     assert done.returncode == 0, done.stderr[-3000:]
+    for r in (0, 1):  # the group is gone by exit: no gloo thread is left to abort the interpreter's finalisation
+        threads = json.loads((tmp_path / "runs" / f"threads{r}.json").read_text())
+        assert not [t for t in threads if "gloo" in t], threads
     lines = [json.loads(line) for r in (0, 1) for line in (tmp_path / "runs" / f"rank{r}.jsonl").open()]
     seen = {(r["where"], r["rank"]): r for r in lines}
     assert len(seen) == 12, lines
