@@ -6,8 +6,8 @@ For every variant and small-option case of ``tests/test_attention_contract.py``:
 n, ceil(n / 2) and 1 is padded again to twice its length with random tokens and new random content in its padded
 positions; the table gives the largest change of a valid output, absolute and relative to the largest valid output,
 in train and eval mode (float32). First at the test sizes (dim 16, n 13 and 3), then in an LRA-sized layer (dim 64,
-2 heads, lengths 1000 / 500 / 1 padded to 2000; each variant with its defaults). The test file asserts the bound;
-this script only measures.
+2 heads, lengths 1000 / 500 / 1 padded to 2000; each variant with its defaults). The test file asserts the bound in
+float64, where rounding cannot hide a leak; this script measures float32, whose rounding depends on the CPU.
 """
 from __future__ import annotations
 
