@@ -9,6 +9,7 @@ import torch
 
 from lra_soft.attention import attention_options, build_attention
 from lra_soft.attention.gaussian import gaussian_attention
+from lra_soft.attention._common import merge_heads, split_heads
 from lra_soft.attention.soft import SoftAttention, soft_attention
 from lra_soft.attention.soft_reference import (SoftOptions, gaussian_kernel, newton_alpha, newton_inverse,
                                                newton_inverse_unrolled, sample_landmarks, soft_attention_reference)
@@ -170,6 +171,27 @@ def test_random_sampling_uses_only_valid_tokens():
     q[:, :, 10:] = 1e6  # a padded token picked as landmark would blow up the output
     out = soft_attention(q, torch.randn(1, 1, 40, 8), mask, sampling="random", num_landmarks=6)
     assert torch.isfinite(out).all() and out[:, :, 10:].abs().max() == 0
+
+
+def test_random_landmarks_are_one_fixed_draw_in_eval_mode_and_new_draws_in_training():
+    attn = build_attention("soft", 32, 2, max_len=128, sampling="random", num_landmarks=8)
+    x = torch.randn(2, 60, 32)
+    mask = torch.arange(60) < torch.tensor([[60], [41]])
+    torch.manual_seed(0)
+    train = [attn(x, mask) for _ in range(2)]
+    assert not torch.equal(train[0], train[1])  # training: a new draw at every call
+    attn.eval()
+    state = torch.get_rng_state()
+    first = attn(x, mask)
+    assert torch.equal(torch.get_rng_state(), state)  # eval leaves the global RNG alone
+    torch.manual_seed(123)
+    assert torch.equal(attn(x, mask), first)  # and gives one output, whatever the global RNG
+    # the fixed draw is the seed-0 draw of `sample_landmarks`, through `soft_attention`'s own arithmetic
+    q, v = split_heads(attn.W_q(x), 2), split_heads(attn.W_v(x), 2)
+    landmarks, landmark_mask = sample_landmarks(q, mask, sampling="random", num_landmarks=8,
+                                                generator=torch.Generator().manual_seed(0))
+    out = soft_attention(q, v, mask, landmarks=landmarks, landmark_mask=landmark_mask, **attn.options)
+    torch.testing.assert_close(attn.ff(merge_heads(out)), first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(inverse="solve"), dict(inverse="pinv")])

@@ -106,20 +106,28 @@ class SoftAttention(nn.Module):
         valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
         return landmarks, F.pad(valid, (0, m * w - n)).view(b, m, w).any(-1)
 
+    def _fixed_draw(self) -> bool:
+        # Random landmarks in eval mode come from a generator seeded 0 at every call, not from the global RNG: the
+        # same model on the same batch gives one output, so evaluating a checkpoint twice gives one figure.
+        return self.options["sampling"] == "random" and not self.training
+
     def landmarks(self, q: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """The bottleneck tokens (b, h, m, d) of q (b, h, n, d), unscaled, and their validity (b, m), as this module
-        makes them: learned for `conv`, else `sample_landmarks` (which `soft_attention` calls itself when given none)."""
+        makes them: learned for `conv`, else `sample_landmarks` (which `soft_attention` calls itself when given none),
+        `random` ones drawn by seed 0 in eval mode."""
         if self.conv is not None:
             return self.conv_landmarks(q, mask)
         o = self.options
-        return sample_landmarks(q, mask, sampling=o["sampling"], window=o["window"], num_landmarks=o["num_landmarks"])
+        generator = torch.Generator(device=q.device).manual_seed(0) if self._fixed_draw() else None
+        return sample_landmarks(q, mask, sampling=o["sampling"], window=o["window"], num_landmarks=o["num_landmarks"],
+                                generator=generator)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = check_mask(x, mask)
         q, v = split_heads(self.W_q(x), self.heads), split_heads(self.W_v(x), self.heads)  # (b, h, n, d)
         landmarks = landmark_mask = None
-        if self.conv is not None:
-            landmarks, landmark_mask = self.conv_landmarks(q, mask)
+        if self.conv is not None or self._fixed_draw():
+            landmarks, landmark_mask = self.landmarks(q, mask)
         out = soft_attention(q, v, mask, landmarks=landmarks, landmark_mask=landmark_mask, **self.options)
         if self.v_conv is not None:
             out = out + self.v_conv(v, mask)  # (b, h, n, d)

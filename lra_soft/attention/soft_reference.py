@@ -60,6 +60,7 @@ class SoftOptions:
     `attention_options("soft")`, the benchmark specs, the protocol and the README table's test read them from there."""
 
     sampling: str = "avgpool"         # Q~ = f_s(Q): window means (Section 4.5), "conv" (learned), "random", "first"
+    #                                   ("random": new draws in training; SoftAttention in eval mode draws by seed 0)
     window: int = 4                   # tokens per landmark, m = ceil(n / window) (Section 4.5: window 4)
     num_landmarks: int | None = None  # a fixed m instead: each sequence's valid tokens cut into m segments
     inverse: str = "newton"           # A^+: "newton" (Algorithm 2), "solve" (Cholesky of A + ridge I) or "pinv"
@@ -316,16 +317,17 @@ def _segment_means(q: Tensor, mask: Tensor | None, window: int, num_landmarks: i
     return landmarks, counts > 0
 
 
-def _token_landmarks(q: Tensor, mask: Tensor | None, sampling: str, window: int,
-                     num_landmarks: int | None) -> tuple[Tensor, Tensor]:
-    """`random` or `first` (biased) valid tokens as landmarks: m = num_landmarks, or ceil(valid length / window)."""
+def _token_landmarks(q: Tensor, mask: Tensor | None, sampling: str, window: int, num_landmarks: int | None,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """`random` (drawn from `generator`, else the global RNG) or `first` (biased) valid tokens as landmarks:
+    m = num_landmarks, or ceil(valid length / window)."""
     b, h, n, d = q.shape
     valid = torch.ones(b, n, dtype=torch.bool, device=q.device) if mask is None else mask
     length = valid.sum(-1, keepdim=True)  # (b, 1)
     m = num_landmarks if num_landmarks is not None else math.ceil(n / window)
     m_own = length if num_landmarks is not None else -(-length // window)  # landmarks this sequence may use
     if sampling == "random":
-        score = torch.rand(b, n, device=q.device)
+        score = torch.rand(b, n, device=q.device, generator=generator)
     else:
         score = -valid.long().cumsum(-1).to(torch.float32)  # earlier valid tokens score higher
     score = score.masked_fill(~valid, float("-inf"))
@@ -336,13 +338,14 @@ def _token_landmarks(q: Tensor, mask: Tensor | None, sampling: str, window: int,
 
 
 def sample_landmarks(q: Tensor, mask: Tensor | None = None, *, sampling: str = "avgpool", window: int = 4,
-                     num_landmarks: int | None = None) -> tuple[Tensor, Tensor]:
-    """Bottleneck tokens Q~ (b, h, m, d) of q (b, h, n, d) and their validity (b, m). `conv` needs learned weights and
-    lives in `SoftAttention`."""
+                     num_landmarks: int | None = None,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Bottleneck tokens Q~ (b, h, m, d) of q (b, h, n, d) and their validity (b, m); `random` draws from `generator`
+    (on q's device) when given. `conv` needs learned weights and lives in `SoftAttention`."""
     if sampling == "avgpool":
         return _segment_means(q, mask, window, num_landmarks)
     if sampling in ("random", "first"):
-        return _token_landmarks(q, mask, sampling, window, num_landmarks)
+        return _token_landmarks(q, mask, sampling, window, num_landmarks, generator)
     if sampling == "conv":
         raise ValueError("sampling='conv' uses learned weights: use SoftAttention, or pass landmarks= yourself")
     raise ValueError(f"unknown sampling {sampling!r}; choose from {list(SAMPLING)}")
