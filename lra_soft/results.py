@@ -43,7 +43,7 @@ MODEL_KEYS = ("dim", "depth", "heads", "mlp_dim", "dropout", "pooling", "max_len
 TRAIN_KEYS = ("steps", "warmup", "batch_size", "lr", "weight_decay", "adam_eps", "grad_clip",
               "eval_every", "eval_batches", "pad_to", "beta1_cycle")  # precision: what ran, from results.json
 CSV_FIELDS = ("comparable", "task", "attention", "options", "protocol", "steps", "batch_size", "lr", "n", "seeds",
-              "mean", "std", "paper", "diff", "differences")
+              "mean", "std", "paper", "diff", "differences", "runs")
 
 
 def find_runs(root: str | Path) -> list[dict[str, Any]]:
@@ -129,15 +129,21 @@ def _acc(row: dict[str, Any]) -> str:
     return f"{_fmt(row['mean'])} ± {_fmt(row['std'])} (n={row['n']})"
 
 
+def _run_names(row: dict[str, Any]) -> str:
+    """The row's run directories by name, so that a reader finds the runs behind a figure."""
+    return ", ".join(Path(d).name for d in row["runs"])
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """Two tables: comparable experiments beside Table 6 (with the four-task average), then the rest with their
     differences from the paper's setting."""
     good, other = [r for r in rows if r["comparable"]], [r for r in rows if not r["comparable"]]
     lines = ["## Comparable with the paper's Table 6", ""]
     if good:
-        lines += ["| task | attention | test acc. % (mean ± std, n seeds) | paper | diff |", "|---|---|---|---|---|"]
-        lines += [f"| {r['task']} | {r['attention']} | {_acc(r)} | {_fmt(r['paper'])} | {_fmt(r['diff'], True)} |"
-                  for r in good]
+        lines += ["| task | attention | test acc. % (mean ± std, n seeds) | paper | diff | runs |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['attention']} | {_acc(r)} | {_fmt(r['paper'])} | {_fmt(r['diff'], True)} | "
+                  f"{_run_names(r)} |" for r in good]
         avg = {a: v for a, v in averages(rows).items() if v["mean"] is not None}
         if avg:
             lines += ["", "| attention | average of the four Table 6 tasks | paper | diff |", "|---|---|---|---|"]
@@ -149,9 +155,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     if other:
         lines += ["", "## Not comparable with the paper's Table 6", "",
                   "| task | attention | options | protocol | steps | test acc. % (mean ± std, n seeds) | "
-                  "differences from the paper's setting |", "|---|---|---|---|---|---|---|"]
+                  "differences from the paper's setting | runs |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['task']} | {r['attention']} | {r['options'] or '–'} | {r['protocol']} | {r['steps']} | "
-                  f"{_acc(r)} | {'; '.join(r['differences'])} |" for r in other]
+                  f"{_acc(r)} | {'; '.join(r['differences'])} | {_run_names(r)} |" for r in other]
     lines.append("\nTest accuracy (%) of the best-dev checkpoint on the full test split; std over seeds (n - 1); "
                  "paper = SOFT paper Table 6.")
     return "\n".join(lines)
@@ -162,7 +168,8 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "seeds": " ".join(map(str, r["seeds"])), "differences": "; ".join(r["differences"])})
+        writer.writerow({**r, "seeds": " ".join(map(str, r["seeds"])), "differences": "; ".join(r["differences"]),
+                         "runs": " ".join(r["runs"])})
     return buf.getvalue()
 
 

@@ -48,9 +48,11 @@ def test_table6_figures_average_and_diff(tmp_path):
     table = R.markdown(rows)
     comparable, other = table.split("## Not comparable")
     assert "| listops | soft | 38.00 ± – (n=1) | 37.40 | +0.60 |" in comparable
-    assert "| listops | softmax | 35.00 ± 7.07 (n=2) | 37.10 | -2.10 |" in comparable
+    assert "| listops | softmax | 35.00 ± 7.07 (n=2) | 37.10 | -2.10 | listops-softmax-s0, listops-softmax-s1 |" \
+        in comparable  # the runs behind a figure are named
     assert "| soft | 56.75 | 57.39 | -0.64 |" in comparable
     assert "20.00" not in comparable and "| num_landmarks=64 | paper | 5000 | 20.00 ± – (n=1) | steps 200" in other
+    assert other.count("| m64 |") == 1
     assert R.to_csv(rows).splitlines()[0] == ",".join(R.CSV_FIELDS)
 
 
