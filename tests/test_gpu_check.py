@@ -35,3 +35,19 @@ def test_gpu_check_rejects_a_bad_device():
     proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "tpu"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "--device must be cuda or cpu, got 'tpu'" in proc.stderr
+
+
+def test_the_gpu_tests_collect_with_only_the_accelerator_image_packages():
+    """The GPU machine has torch, timm, torchvision, typer, tqdm, matplotlib, pillow and pytest, and none of the [dev]
+    extra: `pytest -m gpu tests` must collect there (one test module that imports hypothesis unguarded would stop
+    part 1 at collection)."""
+    absent = ("hypothesis", "datasets", "tensorflow_datasets", "tensorflow", "pyarrow", "submitit")
+    code = ("import sys\n"
+            f"for name in {absent!r}:\n    sys.modules[name] = None  # import fails as if not installed\n"
+            "import pytest\n"
+            "sys.exit(pytest.main(['-q', '-m', 'gpu', '--collect-only', '-p', 'no:cacheprovider', 'tests']))")
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # hypothesis's own pytest plugin is absent there too
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "error" not in proc.stdout.splitlines()[-1], proc.stdout[-3000:]
