@@ -33,9 +33,16 @@ def _cli(*args):
     return [sys.executable, "cli.py", *map(str, args)]
 
 
+def _default_sigint():
+    # A test run started in the background of a non-interactive shell inherits SIGINT ignored, and so would the
+    # command; it gets the default disposition, as from a terminal, so that the signal is what is tested.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(command, ready, signum, timeout=240):
     """Start ``command``, send it ``signum`` once ``ready()`` holds, return (exit code, stderr)."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.time() + timeout
         while not ready() and proc.poll() is None and time.time() < deadline:
